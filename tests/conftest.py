@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models of every supported architecture, and the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _llama_like(cls_name: str, **extra):
+    return lambda: getattr(transformers, cls_name)(**TINY, num_key_value_heads=2, **extra)
+
+
+TINY_CONFIGS = {
+    "llama": _llama_like("LlamaConfig"),
+    "mistral": _llama_like("MistralConfig"),
+    "qwen2": _llama_like("Qwen2Config"),
+    "qwen3": _llama_like("Qwen3Config", head_dim=8),
+    "gemma": _llama_like("GemmaConfig", head_dim=8),
+    "gemma2": _llama_like("Gemma2Config", head_dim=8),
+    "gemma3_text": _llama_like("Gemma3TextConfig", head_dim=8),
+    "phi3": _llama_like("Phi3Config", pad_token_id=0),
+    "olmo2": _llama_like("Olmo2Config"),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**TINY),
+}
+
+
+def make_tiny(model_type: str, seed: int = 0):
+    """A tiny random model of ``model_type`` in eval mode (float32, eager attention)."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def tiny_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, 90, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # one right-padded row
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct, loaded once per test run."""
+    from mi_peft import load_model
+
+    return load_model()
