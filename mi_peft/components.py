@@ -67,26 +67,30 @@ def _normalise(mapping: Mapping[int, Iterable[int]] | None) -> dict[int, list[in
 class ComponentSet:
     """Selected heads and neurons, as ``{layer: [indices]}`` (sorted, de-duplicated).
 
+    ``spec`` (optional) is the architecture the set refers to; sets made by
+    ``LocalizationResult.select`` carry it, so ``num_parameters`` needs no argument.
+
     Example:
-        >>> cs = ComponentSet(heads={3: [0, 2]}, neurons={5: [17]})
-        >>> cs.num_parameters(spec, head_mode="out", neuron_mode="out")
+        >>> cs = ComponentSet(heads={3: [0, 2]}, neurons={5: [17]}, spec=spec_for(model))
+        >>> cs.num_parameters(head_mode="out", neuron_mode="out")
     """
 
     heads: dict[int, list[int]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
+    spec: ArchSpec | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.heads = _normalise(self.heads)
         self.neurons = _normalise(self.neurons)
 
     @classmethod
-    def from_components(cls, components: Iterable[Head | Neuron]) -> ComponentSet:
+    def from_components(cls, components: Iterable[Head | Neuron], spec: ArchSpec | None = None) -> ComponentSet:
         heads: dict[int, list[int]] = {}
         neurons: dict[int, list[int]] = {}
         for comp in components:
             target = heads if isinstance(comp, Head) else neurons
             target.setdefault(comp[0], []).append(comp[1])
-        return cls(heads=heads, neurons=neurons)
+        return cls(heads=heads, neurons=neurons, spec=spec)
 
     def __iter__(self):
         for layer, idx in self.heads.items():
@@ -105,8 +109,15 @@ class ComponentSet:
     def n_neurons(self) -> int:
         return sum(len(v) for v in self.neurons.values())
 
-    def validate(self, spec: ArchSpec) -> None:
-        """Raise ``ValueError`` naming the allowed range if any address is outside ``spec``."""
+    def _spec(self, spec: ArchSpec | None) -> ArchSpec:
+        spec = spec or self.spec
+        if spec is None:
+            raise ValueError("this ComponentSet has no architecture attached; pass `spec=spec_for(model)`.")
+        return spec
+
+    def validate(self, spec: ArchSpec | None = None) -> None:
+        """Raise ``ValueError`` naming the allowed range if any address is outside the model."""
+        spec = self._spec(spec)
         for layer, idx in self.heads.items():
             spec.check_layer(layer)
             for i in idx:
@@ -116,12 +127,13 @@ class ComponentSet:
             for i in idx:
                 spec.check_neuron(i)
 
-    def num_parameters(self, spec: ArchSpec, head_mode: str = "out", neuron_mode: str = "out") -> int:
+    def num_parameters(self, head_mode: str = "out", neuron_mode: str = "out", spec: ArchSpec | None = None) -> int:
         """Exact trainable parameter count of a sparse adapter over this set.
 
         In ``qkvo`` mode, query heads of one grouped-query group share their key/value rows,
         which are counted once per (layer, kv head).
         """
+        spec = self._spec(spec)
         self.validate(spec)
         total = self.n_neurons * neuron_parameters(spec, neuron_mode)
         if head_mode != "qkvo":
