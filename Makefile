@@ -17,6 +17,6 @@ demo: $(STAMP)
 	.venv/bin/mi-peft info
 
 test: $(STAMP)
-	.venv/bin/ruff check mi_peft tests benchmarks
-	.venv/bin/ruff format --check mi_peft tests benchmarks
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	$(PY) -m pytest -q -rs
