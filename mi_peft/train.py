@@ -1,0 +1,205 @@
+"""Train located adapters with TRL: a sparse adapter is just a ``peft_config``.
+
+There is no training loop here. :func:`sft` and :func:`dpo` check the data before anything
+expensive starts, build TRL's ``SFTConfig``/``DPOConfig`` with CPU-friendly defaults, run
+``SFTTrainer``/``DPOTrainer`` (the DPO reference is the same model with its adapter disabled),
+and save the adapter plus the localization it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, load_dataset
+from peft import PeftConfig, PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+SFT_FORMATS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
+DPO_FORMAT: tuple[str, ...] = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model: PeftModel
+    output_dir: Path
+    train_seconds: float
+    trainable_parameters: int
+    total_parameters: int
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [row["loss"] for row in self.log_history if "loss" in row]
+
+
+def load_data(data: Dataset | str | os.PathLike | Sequence[Mapping[str, Any]]) -> Dataset:
+    """A ``datasets.Dataset`` from a Dataset, a list of dicts, or a JSON/JSONL/CSV file."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"training data file {path} does not exist.")
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"unsupported training data format {path.suffix!r}; use .json, .jsonl or .csv.")
+        return load_dataset(kind, data_files=str(path), split="train")
+    rows = list(data)
+    if not rows:
+        raise ValueError("training data is empty.")
+    return Dataset.from_list(rows)
+
+
+def check_columns(dataset: Dataset, formats: Sequence[Sequence[str]], trainer: str) -> None:
+    """Fail before training when no accepted column set is present."""
+    if len(dataset) == 0:
+        raise ValueError(f"{trainer} training data is empty.")
+    have = set(dataset.column_names)
+    if not any(set(cols) <= have for cols in formats):
+        wanted = " or ".join("+".join(cols) for cols in formats)
+        raise ValueError(f"{trainer} data needs columns {wanted}; the dataset has {sorted(have)}.")
+
+
+def _common_args(output_dir: Path, max_steps: int, learning_rate: float, batch_size: int, seed: int) -> dict[str, Any]:
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=max(1, min(10, max_steps // 10)),
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+
+
+def _check_peft(model: PreTrainedModel | PeftModel, peft_config: PeftConfig | None) -> None:
+    if isinstance(model, PeftModel) and peft_config is not None:
+        raise ValueError("`model` is already a PeftModel; pass either a PeftModel or `peft_config`, not both.")
+    if not isinstance(model, PeftModel) and peft_config is None:
+        raise ValueError("pass `peft_config=` (e.g. a SparseConfig) or a PeftModel: mi-peft trains adapters only.")
+    if peft_config is not None and not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"`peft_config` must be a peft.PeftConfig, got {type(peft_config).__name__}.")
+
+
+def _finish(trainer, output_dir: Path, started: float, localization: Any | None) -> TrainResult:
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(output_dir))
+    if localization is not None and trainer.accelerator.is_main_process:
+        localization.save(output_dir / "localization")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainable, total = model.get_nb_trainable_parameters()
+    return TrainResult(model, output_dir, seconds, trainable, total, list(trainer.state.log_history))
+
+
+def sft(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset | str | os.PathLike | Sequence[Mapping[str, Any]],
+    peft_config: PeftConfig | None = None,
+    *,
+    output_dir: str | os.PathLike = "runs/sft",
+    max_steps: int = 100,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
+    max_length: int | None = 256,
+    seed: int = 0,
+    localization: Any | None = None,
+    callbacks: Sequence[TrainerCallback] | None = None,
+    **sft_args: Any,
+) -> TrainResult:
+    """Supervised fine-tuning of an adapter with TRL's ``SFTTrainer``.
+
+    Args:
+        train_dataset: conversational ``messages``, ``prompt``/``completion`` (strings or message
+            lists) or ``text`` rows; chat templates are applied by TRL. Loss is on completions
+            only for prompt/completion data (TRL's default).
+        peft_config: e.g. ``SparseConfig.from_localization(result, param_budget=0.001)``.
+        localization: a ``LocalizationResult`` saved next to the adapter for provenance.
+        **sft_args: any other ``trl.SFTConfig`` field (``gradient_accumulation_steps``, ...).
+
+    Example:
+        >>> result = sft(model, tok, rows, SparseConfig(heads={12: [3]}), max_steps=50)
+        >>> result.model.save_pretrained("my-adapter")
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    _check_peft(model, peft_config)
+    dataset = load_data(train_dataset)
+    check_columns(dataset, SFT_FORMATS, "SFT")
+    output_dir = Path(output_dir)
+    args = SFTConfig(
+        **_common_args(output_dir, max_steps, learning_rate, batch_size, seed), max_length=max_length, **sft_args
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks or []),
+    )
+    started = time.perf_counter()
+    trainer.train()
+    return _finish(trainer, output_dir, started, localization)
+
+
+def dpo(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset | str | os.PathLike | Sequence[Mapping[str, Any]],
+    peft_config: PeftConfig | None = None,
+    *,
+    output_dir: str | os.PathLike = "runs/dpo",
+    max_steps: int = 100,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
+    beta: float = 0.1,
+    max_length: int | None = 256,
+    seed: int = 0,
+    localization: Any | None = None,
+    callbacks: Sequence[TrainerCallback] | None = None,
+    **dpo_args: Any,
+) -> TrainResult:
+    """Direct preference optimisation of an adapter with TRL's ``DPOTrainer``.
+
+    The reference model is the same network with the adapter disabled (TRL's behaviour for a
+    PEFT model with ``ref_model=None``), so no second copy is held in memory.
+    Rows need ``prompt``, ``chosen`` and ``rejected`` (strings or message lists).
+    """
+    from trl import DPOConfig, DPOTrainer
+
+    _check_peft(model, peft_config)
+    dataset = load_data(train_dataset)
+    check_columns(dataset, (DPO_FORMAT,), "DPO")
+    output_dir = Path(output_dir)
+    args = DPOConfig(
+        **_common_args(output_dir, max_steps, learning_rate, batch_size, seed),
+        beta=beta,
+        max_length=max_length,
+        **dpo_args,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks or []),
+    )
+    started = time.perf_counter()
+    trainer.train()
+    return _finish(trainer, output_dir, started, localization)
