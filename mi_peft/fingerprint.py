@@ -33,7 +33,7 @@ def model_fingerprint(model: nn.Module) -> str:
         if any(tag in name for tag in _ADAPTER_TAGS):
             continue
         flat = param.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).long()
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64).long()
         values = flat[idx.to(flat.device)].float().cpu()
         digest.update(name.encode())
         digest.update(",".join(f"{v:.4g}" for v in values.tolist()).encode())
