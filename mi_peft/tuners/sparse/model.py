@@ -1,0 +1,130 @@
+"""The sparse tuner: injects :class:`SparseLinear` layers where a :class:`SparseConfig` selects components."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...arch import spec_for
+from ...fingerprint import check_fingerprint, model_fingerprint
+from .config import ARCH_KEYS, ModuleSlices, SparseConfig, arch_record
+from .layer import SparseLayer, SparseLinear
+
+
+class SparseModel(BaseTuner):
+    """Train only located heads and neurons of a transformers model (PEFT method ``"sparse"``).
+
+    Module choice comes from :func:`mi_peft.arch.spec_for`, never from name guessing: a head lives in
+    its columns of the attention output projection (and in ``qkvo`` mode its q/k/v rows), a neuron in
+    its column of the MLP output projection (and in ``in_out`` mode its gate/up rows).
+
+    ``merge_and_unload()`` adds each slice delta into its base weight (scale mode: ``s * W[:, cols]``,
+    bias mode: ``W[:, cols] @ b`` into the projection bias, created if the projection has none) and
+    ``unmerge()`` subtracts the same values again, so nothing dense is stored. Merging into a quantized
+    (bitsandbytes) base is refused: re-quantizing is lossy; merge on an unquantized copy instead.
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from mi_peft.tuners.sparse import SparseConfig
+        >>> model = get_peft_model(base, SparseConfig(heads={12: [3]}, neurons={20: [5, 9]}))
+        >>> model.print_trainable_parameters()
+    """
+
+    prefix: str = "sparse_"
+    tuner_layer_cls = SparseLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, Any] | None = None,
+    ) -> None:
+        """Check the config against the model (architecture, ranges, fingerprint), then inject."""
+        config: SparseConfig = self.peft_config[adapter_name]
+        self.__dict__.setdefault("_sparse_plans", {})[adapter_name] = self._prepare_sparse_config(model, config)
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+
+    @staticmethod
+    def _prepare_sparse_config(model: nn.Module, config: SparseConfig) -> dict[str, ModuleSlices]:
+        if not isinstance(config, SparseConfig):
+            raise TypeError(f"SparseModel needs a SparseConfig, got {type(config).__name__}.")
+        spec = spec_for(model)  # ValueError listing the supported architectures
+        if config.arch is not None:
+            recorded = {k: config.arch.get(k) for k in ("model_type", *ARCH_KEYS)}
+            actual = arch_record(spec)
+            diff = {k: (recorded[k], actual[k]) for k in recorded if recorded[k] != actual[k]}
+            if diff:
+                detail = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(f"this sparse adapter was made for another architecture ({detail}).")
+        plan = config.module_slices(spec)  # ValueError naming the range of a bad layer/head/neuron
+        if config.base_model_fingerprint is None:
+            config.base_model_fingerprint = model_fingerprint(model)
+        else:
+            check_fingerprint(config.base_model_fingerprint, model, "This sparse adapter", config.ignore_fingerprint)
+        config.arch = arch_record(spec)
+        config.target_modules = set(plan)
+        return plan
+
+    def _create_and_replace(
+        self,
+        peft_config: SparseConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        slices = self.__dict__["_sparse_plans"][adapter_name].get(current_key)
+        if slices is None:
+            raise ValueError(
+                f"module {current_key!r} is not part of sparse adapter {adapter_name!r}; "
+                f"it trains {sorted(self._sparse_plans[adapter_name])}."
+            )
+        if isinstance(target, SparseLayer):
+            target.update_layer(
+                adapter_name, slices, init_weights=peft_config.init_weights, inference_mode=peft_config.inference_mode
+            )
+            return
+        new_module = self._create_new_module(peft_config, adapter_name, target, slices=slices)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until `set_adapter`
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(
+        peft_config: SparseConfig, adapter_name: str, target: nn.Module, slices: ModuleSlices, **kwargs: Any
+    ) -> SparseLinear:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        backend = resolve_quantization_backend(base)
+        quantized_linear = backend is not None and backend.layer_type == "linear"
+        if not (isinstance(base, (nn.Linear, Conv1D)) or quantized_linear):
+            raise TypeError(
+                f"Target module {type(base).__name__} is not supported by sparse adapters; supported are "
+                "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D` and quantized linear layers (bitsandbytes)."
+            )
+        return SparseLinear(target, adapter_name, slices, init_weights=peft_config.init_weights, **kwargs)
+
+    def _check_merge_allowed(self) -> None:
+        """Refuse up front (before touching any weight) when a base layer is quantized."""
+        super()._check_merge_allowed()
+        for name, module in self.model.named_modules():
+            if isinstance(module, SparseLayer) and module.quantization_backend is not None:
+                raise ValueError(
+                    f"cannot merge a sparse adapter into the quantized layer {name} "
+                    f"({module.quantization_backend.backend_name}): re-quantizing would lose exactness. Load the base "
+                    "model unquantized, `PeftModel.from_pretrained(base, adapter_dir)`, then `merge_and_unload()`."
+                )
