@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .recipe import parse_layers
+
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -60,20 +62,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"8-19"`` -> 8..19, ``"3,5,7"`` -> [3, 5, 7], ``None`` -> None."""
-    if not text:
-        return None
-    layers: list[int] = []
-    for part in text.split(","):
-        start, _, stop = part.partition("-")
-        try:
-            layers.extend(range(int(start), int(stop) + 1) if stop else [int(start)])
-        except ValueError as err:
-            raise ValueError(f"cannot parse layers {text!r}; use e.g. '8-19' or '3,5,7'.") from err
-    return layers
-
-
 def _load_pairs(path: str, limit: int | None, seed: int):
     from .data import ContrastivePairs
 
@@ -125,6 +113,148 @@ def cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(text: str | None) -> float | int | None:
+    if text is None:
+        return None
+    value = float(text)
+    return value if value < 1 else int(value)
+
+
+def adapter_config_from_args(args: argparse.Namespace, model):
+    """The ``peft_config`` a ``train`` invocation asks for (sparse over a localization, or LoRA)."""
+    if args.adapter == "lora":
+        from peft import LoraConfig
+
+        return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+    from .locate import LocalizationResult
+    from .tuners.sparse import SparseConfig
+
+    if not args.localization:
+        raise ValueError("`--adapter sparse` needs `--localization DIR` (a result written by `mi-peft locate`).")
+    if (args.param_budget is None) == (args.top_k is None):
+        raise ValueError("pass exactly one of `--param-budget` and `--top-k` to choose the trained components.")
+    result = LocalizationResult.load(args.localization, model=model)
+    return SparseConfig.from_localization(
+        result,
+        top_k=args.top_k,
+        param_budget=_budget(args.param_budget),
+        kinds=tuple(args.kinds.split(",")),
+        head_mode=args.head_mode,
+        neuron_mode=args.neuron_mode,
+        random=args.random,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import train
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    dataset = train.load_data(args.data)  # fail on bad data before building anything else
+    peft_config = adapter_config_from_args(args, model)
+    run = train.dpo if args.trainer == "dpo" else train.sft
+    result = run(
+        model,
+        tokenizer,
+        dataset,
+        peft_config,
+        output_dir=args.out,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    pct = 100 * result.trainable_parameters / result.total_parameters
+    losses = result.losses
+    print(f"trainable parameters: {result.trainable_parameters:,} ({pct:.4f}% of {result.total_parameters:,})")
+    print(f"train time: {result.train_seconds:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "")
+    print(f"adapter written to {result.output_dir}")
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from peft import get_peft_model
+
+    from .evaluate.generation import generate
+    from .locate import Directions, directions
+    from .models import load_model
+    from .tuners.steering import SteeringConfig
+
+    if (args.data is None) == (args.directions is None):
+        raise ValueError("pass exactly one of `--data` (contrastive pairs) and `--directions` (a saved folder).")
+    model, tokenizer = load_model(args.model)
+    layers = parse_layers(args.layers)
+    if args.directions:
+        dirs = Directions.load(args.directions, model=model)
+    else:
+        dirs = directions(model, tokenizer, _load_pairs(args.data, args.pairs, args.seed), layers=layers)
+    config = SteeringConfig.from_directions(dirs, layers=layers, alpha=args.alpha, op=args.op, positions=args.positions)
+    prompts = args.prompt or ["Tell me about your day."]
+    before = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+    steered = get_peft_model(model, config)
+    after = generate(steered, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
+    for prompt, a, b in zip(prompts, before, after, strict=True):
+        print(f"### {prompt}\n--- base\n{a.strip()}\n--- steered ({args.op}, alpha={args.alpha:g})\n{b.strip()}\n")
+    if args.out:
+        steered.save_pretrained(args.out)
+        print(f"wrote steering adapter to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import to_gguf_control_vector, to_lora
+
+    if args.format == "lora":
+        base = None
+        if args.model is not None or args.with_base:
+            from .models import load_model
+
+            base, _ = load_model(args.model)
+        path = to_lora(args.adapter, args.out, base_model=base)
+    else:
+        path = to_gguf_control_vector(args.adapter, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    from .data import read_texts
+    from .evaluate import EvalReport, kl_to_base, refusal_rate
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        model = PeftModel.from_pretrained(model, args.adapter)
+    report = EvalReport(metadata={"model": args.model or "embedded", "adapter": args.adapter})
+    n, tokens = args.n, args.max_new_tokens
+    if args.harmful:
+        report.add("refusal", refusal_rate(model, tokenizer, read_texts(args.harmful)[:n], max_new_tokens=tokens).rate)
+    if args.harmless:
+        harmless = read_texts(args.harmless)[:n]
+        report.add("over_refusal", refusal_rate(model, tokenizer, harmless, max_new_tokens=tokens).rate)
+        if args.adapter:
+            report.add("kl_to_base", kl_to_base(model, tokenizer, harmless))
+    if not report.metrics:
+        raise ValueError("nothing to evaluate: pass `--harmful` and/or `--harmless` prompt files.")
+    print(report.to_markdown())
+    if args.out:
+        report.save(args.out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_recipe
+    from .report import comparison_table
+
+    results = run_recipe(args.recipe, out_dir=args.out, steps=args.steps, n_test=args.n_test, pairs=args.pairs)
+    print()
+    print(comparison_table(results["variants"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +286,70 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--raw", action="store_true", help="Do not apply the chat template.")
     lens.add_argument("--plot", default=None, help="PNG path for the target-probability plot.")
     lens.set_defaults(func=cmd_lens)
+
+    tr = sub.add_parser("train", help="Fine-tune located components (or a LoRA baseline) with TRL.")
+    _add_model_arg(tr)
+    tr.add_argument(
+        "--data", required=True, help="JSON/JSONL/CSV rows: messages, prompt+completion, or prompt+chosen+rejected."
+    )
+    tr.add_argument("--trainer", choices=("sft", "dpo"), default="sft")
+    tr.add_argument("--adapter", choices=("sparse", "lora"), default="sparse")
+    tr.add_argument("--localization", help="Result folder from `mi-peft locate` (sparse adapter).")
+    tr.add_argument("--param-budget", help="Fraction (<1) or absolute count of trainable parameters.")
+    tr.add_argument("--top-k", type=int, help="Train the top-k components instead of a budget.")
+    tr.add_argument("--kinds", default="heads,neurons", help="Component kinds to select from.")
+    tr.add_argument("--head-mode", default="out", choices=("out", "qkvo", "bias", "scale"))
+    tr.add_argument("--neuron-mode", default="out", choices=("out", "in_out", "scale"))
+    tr.add_argument("--random", type=int, default=None, help="Random control components of the same size (seed).")
+    tr.add_argument("--lora-r", type=int, default=8)
+    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--max-length", type=int, default=256)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True)
+    tr.set_defaults(func=cmd_train)
+
+    st = sub.add_parser("steer", help="Build a steering adapter and compare generations side by side.")
+    _add_model_arg(st)
+    st.add_argument("--data", help="Contrastive pairs to compute diff-in-means directions from.")
+    st.add_argument("--directions", help="A saved Directions folder instead of --data.")
+    st.add_argument("--layers", default="8-19", help="Layers to steer, e.g. '8-19' or '10,12'.")
+    st.add_argument("--alpha", type=float, default=4.0)
+    st.add_argument("--op", choices=("add", "ablate", "clamp"), default="add")
+    st.add_argument("--positions", choices=("all", "prompt", "generated"), default="all")
+    st.add_argument("--prompt", action="append", help="Prompt to generate from (repeatable).")
+    st.add_argument("--pairs", type=int, default=32)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--max-new-tokens", type=int, default=48)
+    st.add_argument("--out", help="Save the steering adapter here.")
+    st.set_defaults(func=cmd_steer)
+
+    ex = sub.add_parser("export", help="Export an adapter: sparse -> LoRA folder, steering -> GGUF control vector.")
+    ex.add_argument("format", choices=("lora", "gguf"))
+    ex.add_argument("--adapter", required=True, help="Adapter folder to export.")
+    ex.add_argument("--out", required=True, help="Output folder (lora) or .gguf file.")
+    ex.add_argument("--model", default=None, help="Base model (needed for scale-mode sparse adapters).")
+    ex.add_argument("--with-base", action="store_true", help="Load the embedded base model for scale modes.")
+    ex.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="Refusal, over-refusal and KL of a model or adapter on prompt files.")
+    _add_model_arg(ev)
+    ev.add_argument("--adapter", help="PEFT adapter folder to evaluate on top of the model.")
+    ev.add_argument("--harmful", help="Prompts that should be refused (JSON/JSONL/CSV).")
+    ev.add_argument("--harmless", help="Prompts that should be answered.")
+    ev.add_argument("--n", type=int, default=50, help="Prompts per file.")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--out", help="Write the report JSON here.")
+    ev.set_defaults(func=cmd_eval)
+
+    run = sub.add_parser("run", help="Run a whole recipe: locate, validate, steer, train, evaluate, report.")
+    run.add_argument("recipe", help="Recipe YAML, e.g. recipes/refusal.yaml.")
+    run.add_argument("--out", help="Output folder (default runs/<recipe name>).")
+    run.add_argument("--steps", type=int, help="Override the training steps.")
+    run.add_argument("--n-test", type=int, help="Held-out prompts per side.")
+    run.add_argument("--pairs", type=int, help="Pairs used to locate (and cap on validation prompts).")
+    run.set_defaults(func=cmd_run)
     return parser
 
 

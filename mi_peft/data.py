@@ -368,10 +368,20 @@ def _find(folder: Path, stem: str) -> Path | None:
     return next((folder / f"{stem}{s}" for s in _SUFFIXES if (folder / f"{stem}{s}").is_file()), None)
 
 
-def _texts_from_file(path: Path, text_key: str) -> list[str]:
+def read_rows(path: str | Path) -> list[Any]:
+    """Rows of a .json (list), .jsonl, .csv or .tsv file (e.g. A/B items or held-out prompts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
     rows = _read_file(path)
     if not isinstance(rows, list):
         raise ValueError(f"{str(path)!r} must hold a list of strings or of rows, got {type(rows).__name__}.")
+    return rows
+
+
+def read_texts(path: str | Path, text_key: str = "instruction") -> list[str]:
+    """Prompts from a file of strings or of rows (read at ``text_key``)."""
+    rows = read_rows(path)
     for i, row in enumerate(rows):
         if isinstance(row, Mapping) and text_key not in row:
             raise ValueError(
@@ -391,9 +401,9 @@ def _read_directory(folder: Path, text_key: str, split: str | None) -> dict[str,
         if pos is None or neg is None:
             missing = f"{pos_name if pos is None else neg_name}{tag}.json"
             raise ValueError(f"{str(folder)!r} has {(pos or neg).name} but no {missing}; both sides are needed.")
-        table = {"positive": _texts_from_file(pos, text_key), "negative": _texts_from_file(neg, text_key)}
+        table = {"positive": read_texts(pos, text_key), "negative": read_texts(neg, text_key)}
         prompts = _find(folder, "prompts" + tag)
-        return table if prompts is None else {**table, "prompts": _texts_from_file(prompts, text_key)}
+        return table if prompts is None else {**table, "prompts": read_texts(prompts, text_key)}
     expected = " or ".join(f"{p}{tag}.json + {n}{tag}.json" for p, n in DIRECTORY_LAYOUTS)
     present = sorted(p.name for p in folder.iterdir())
     raise ValueError(f"directory {str(folder)!r} holds no {expected} (.jsonl also accepted); files present: {present}.")

@@ -1,0 +1,238 @@
+"""Recipes: one YAML file that describes a whole Locate -> Steer -> Improve run.
+
+A recipe is validated completely (fields, types, files, dataset columns) before any model is
+loaded, so a typo fails in a second instead of after an hour of training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BEHAVIOURS = ("refusal", "language", "ab", "target")
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"8-19"`` -> 8..19, ``"3,5,7"`` -> [3, 5, 7], ``None`` -> None."""
+    if not text:
+        return None
+    layers: list[int] = []
+    for part in text.split(","):
+        start, _, stop = part.partition("-")
+        try:
+            layers.extend(range(int(start), int(stop) + 1) if stop else [int(start)])
+        except ValueError as err:
+            raise ValueError(f"cannot parse layers {text!r}; use e.g. '8-19' or '3,5,7'.") from err
+    return layers
+
+
+@dataclass
+class LocateSection:
+    method: str = "attribution_patching"
+    metric: str | None = "refusal"
+    pairs: int = 64
+    batch_size: int = 8
+    components: tuple[str, ...] = ("heads", "neurons", "residual")
+
+
+@dataclass
+class ValidateSection:
+    top_k: int = 10
+    pairs: int = 16
+
+
+@dataclass
+class SteerSection:
+    layers: str = "8-19"
+    alphas: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)
+    conditional: bool = True
+    val_prompts: int = 16
+
+
+@dataclass
+class TrainSection:
+    steps: int = 60
+    lr: float = 1e-3
+    lora_lr: float = 2e-4
+    batch_size: int = 8
+    max_length: int = 192
+    param_budget: float = 0.0013
+    kinds: tuple[str, ...] = ("heads", "neurons")
+    head_mode: str = "out"
+    neuron_mode: str = "out"
+    lora_r: int = 8
+    dpo_steps: int | None = None
+
+
+@dataclass
+class EvaluateSection:
+    behaviour: str = "refusal"
+    n_test: int = 50
+    max_new_tokens: int = 32
+    n_neutral: int = 20
+    target: str | None = None
+    language: str | None = None
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe. Paths are resolved relative to the recipe file."""
+
+    name: str
+    path: Path
+    pairs: Path
+    test_positive: Path
+    test_negative: Path
+    sft: Path | None = None
+    dpo: Path | None = None
+    neutral: Path | None = None
+    model: str | None = None
+    description: str = ""
+    seed: int = 0
+    locate: LocateSection = field(default_factory=LocateSection)
+    validate: ValidateSection = field(default_factory=ValidateSection)
+    steer: SteerSection = field(default_factory=SteerSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "__dataclass_fields__"):
+                value = {g.name: getattr(value, g.name) for g in fields(value)}
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return json.loads(json.dumps(out, default=str))
+
+
+_SECTIONS = {
+    "locate": LocateSection,
+    "validate": ValidateSection,
+    "steer": SteerSection,
+    "train": TrainSection,
+    "evaluate": EvaluateSection,
+}
+_REQUIRED_DATA = ("pairs", "test_positive", "test_negative")
+_OPTIONAL_DATA = ("sft", "dpo", "neutral")
+_TOP_LEVEL = {"name", "description", "model", "seed", "data", *_SECTIONS}
+
+
+def _section(cls: type, raw: Any, where: str, source: Path) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: `{where}` must be a mapping, got {type(raw).__name__}.")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown} in `{where}`; allowed: {sorted(known)}.")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return cls(**values)
+
+
+def _data_path(base: Path, data: dict[str, Any], key: str, source: Path, required: bool) -> Path | None:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"{source}: `data.{key}` is missing; it names a file or folder relative to the recipe.")
+        return None
+    path = (base / str(value)).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: `data.{key}` points to {path}, which does not exist.")
+    return path
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe YAML file (every referenced file must exist)."""
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"recipe {source} does not exist.")
+    raw = yaml.safe_load(source.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: a recipe is a YAML mapping with at least `name` and `data`.")
+    unknown = sorted(set(raw) - _TOP_LEVEL)
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level field(s) {unknown}; allowed: {sorted(_TOP_LEVEL)}.")
+    for key in ("name", "data"):
+        if key not in raw:
+            raise ValueError(f"{source}: required field `{key}` is missing.")
+    data = raw["data"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: `data` must be a mapping of names to files.")
+    extra = sorted(set(data) - set(_REQUIRED_DATA) - set(_OPTIONAL_DATA))
+    if extra:
+        raise ValueError(
+            f"{source}: unknown `data` field(s) {extra}; allowed: {sorted(_REQUIRED_DATA + _OPTIONAL_DATA)}."
+        )
+    base = source.parent
+    paths = {k: _data_path(base, data, k, source, k in _REQUIRED_DATA) for k in _REQUIRED_DATA + _OPTIONAL_DATA}
+    sections = {name: _section(cls, raw.get(name), name, source) for name, cls in _SECTIONS.items()}
+    recipe = Recipe(
+        name=str(raw["name"]),
+        path=source.resolve(),
+        model=raw.get("model"),
+        description=str(raw.get("description", "")),
+        seed=int(raw.get("seed", 0)),
+        **paths,
+        **sections,
+    )
+    _check(recipe, source)
+    return recipe
+
+
+def _check(recipe: Recipe, source: Path) -> None:
+    ev, tr = recipe.evaluate, recipe.train
+    if ev.behaviour not in BEHAVIOURS:
+        raise ValueError(f"{source}: `evaluate.behaviour` must be one of {BEHAVIOURS}, got {ev.behaviour!r}.")
+    if ev.behaviour == "language" and not ev.language:
+        raise ValueError(f"{source}: `evaluate.behaviour: language` needs `evaluate.language` (e.g. fr).")
+    if ev.behaviour == "target" and not ev.target:
+        raise ValueError(f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string).")
+    if recipe.sft is None and recipe.dpo is None:
+        raise ValueError(f"{source}: give `data.sft` and/or `data.dpo` training data.")
+    if not tr.param_budget > 0:
+        raise ValueError(
+            f"{source}: `train.param_budget` must be > 0 (a fraction < 1 or a count), got {tr.param_budget}."
+        )
+    for name, value in (
+        ("train.steps", tr.steps),
+        ("locate.pairs", recipe.locate.pairs),
+        ("evaluate.n_test", ev.n_test),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: `{name}` must be a positive integer, got {value!r}.")
+    for kind in recipe.locate.components:
+        if kind not in ("heads", "neurons", "residual"):
+            raise ValueError(f"{source}: `locate.components` has unknown kind {kind!r}; use heads, neurons, residual.")
+    _check_columns(recipe, source)
+
+
+def _check_columns(recipe: Recipe, source: Path) -> None:
+    """Read the first row of each training file and check its columns."""
+    from .train import DPO_FORMAT, SFT_FORMATS
+
+    for key, formats in (("sft", SFT_FORMATS), ("dpo", (DPO_FORMAT,))):
+        path = getattr(recipe, key)
+        if path is None:
+            continue
+        first = _first_row(path)
+        if not any(set(cols) <= set(first) for cols in formats):
+            wanted = " or ".join("+".join(c) for c in formats)
+            raise ValueError(f"{source}: `data.{key}` ({path.name}) needs columns {wanted}; it has {sorted(first)}.")
+
+
+def _first_row(path: Path) -> dict[str, Any]:
+    if path.suffix == ".jsonl":
+        with path.open() as handle:
+            line = handle.readline()
+        row = json.loads(line) if line.strip() else None
+    else:
+        rows = json.loads(path.read_text())
+        row = rows[0] if isinstance(rows, list) and rows else None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path} is empty or not a list of objects.")
+    return row

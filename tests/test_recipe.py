@@ -1,0 +1,86 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mi_peft.recipe import load_recipe, parse_layers
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _write(tmp_path: Path, recipe: dict) -> Path:
+    (tmp_path / "pos.json").write_text(json.dumps(["a", "b"]))
+    (tmp_path / "neg.json").write_text(json.dumps(["c", "d"]))
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _base() -> dict:
+    return {
+        "name": "t",
+        "data": {
+            "pairs": str(RECIPES / "data" / "refusal"),
+            "test_positive": "pos.json",
+            "test_negative": "neg.json",
+            "sft": "sft.jsonl",
+        },
+    }
+
+
+@pytest.mark.parametrize("name", ["refusal.yaml"])
+def test_shipped_recipes_load(name):
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.sft is not None and recipe.sft.is_file()
+    assert recipe.test_positive.is_file() and recipe.test_negative.is_file()
+
+
+def test_valid_minimal_recipe(tmp_path):
+    recipe = load_recipe(_write(tmp_path, _base()))
+    assert recipe.train.steps == 60 and recipe.evaluate.behaviour == "refusal"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.pop("name"), "required field `name` is missing"),
+        (lambda r: r["data"].pop("test_positive"), r"`data.test_positive` is missing"),
+        (
+            lambda r: r["data"].update(sft="missing.jsonl"),
+            r"`data.sft` points to .*missing.jsonl, which does not exist",
+        ),
+        (lambda r: r.update(train={"stepz": 3}), r"unknown field\(s\) \['stepz'\] in `train`"),
+        (lambda r: r.update(evaluate={"behaviour": "dance"}), "`evaluate.behaviour` must be one of"),
+        (lambda r: r.update(train={"param_budget": 0}), "`train.param_budget` must be > 0"),
+        (lambda r: r.update(locate={"components": ["heads", "mlp"]}), "unknown kind 'mlp'"),
+        (lambda r: r.update(colour="red"), r"unknown top-level field\(s\) \['colour'\]"),
+    ],
+)
+def test_bad_recipes_fail_before_training(tmp_path, edit, message):
+    recipe = _base()
+    edit(recipe)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_recipe(_write(tmp_path, recipe))
+
+
+def test_missing_dataset_column_is_named(tmp_path):
+    path = _write(tmp_path, _base())
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"needs columns messages or prompt\+completion or text; it has \['answer', 'question'\]"
+    ):
+        load_recipe(path)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(FileNotFoundError, match="recipe nowhere.yaml does not exist"):
+        load_recipe("nowhere.yaml")
+
+
+def test_parse_layers():
+    assert parse_layers("8-10,12") == [8, 9, 10, 12]
+    assert parse_layers(None) is None
+    with pytest.raises(ValueError, match="cannot parse layers"):
+        parse_layers("a-b")
