@@ -62,6 +62,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_positions(text: str):
+    """``last``/``all``/``mean`` pass through; ``"-3,-2,-1"`` becomes a list of indices."""
+    if text in ("last", "all", "mean"):
+        return text
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError as err:
+        raise ValueError(f"cannot parse positions {text!r}; use last, all, mean or indices like -3,-2,-1.") from err
+
+
 def _load_pairs(path: str, limit: int | None, seed: int):
     from .data import ContrastivePairs
 
@@ -84,7 +94,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
         method=args.method,
         components=tuple(args.components.split(",")),
         metric=args.metric,
-        positions=args.positions,
+        positions=parse_positions(args.positions),
         batch_size=args.batch_size,
     )
     out = Path(args.out)
@@ -270,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--method", default="attribution_patching", help="Localization method (see README).")
     loc.add_argument("--components", default="heads,neurons,residual", help="Comma-separated kinds to score.")
     loc.add_argument("--metric", default=None, help="Metric for gradient/causal methods (default: refusal).")
-    loc.add_argument("--positions", default="last", help="Token positions: last, all or mean.")
+    loc.add_argument("--positions", default="last", help="Token positions: last, all, mean or indices like -3,-2,-1.")
     loc.add_argument("--pairs", type=int, default=None, help="Use a random subset of this many pairs.")
     loc.add_argument("--batch-size", type=int, default=8)
     loc.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,151 @@
+"""``locate()``: score every head, neuron and residual layer of a model from contrastive pairs.
+
+Example:
+    >>> from mi_peft import load_model
+    >>> from mi_peft.data import ContrastivePairs
+    >>> from mi_peft.locate import locate
+    >>> model, tokenizer = load_model()
+    >>> pairs = ContrastivePairs.load("recipes/data/refusal").subset(32)
+    >>> result = locate(model, tokenizer, pairs, method="attribution_patching", metric="refusal")
+    >>> result.top("heads", k=5)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..arch import spec_for
+from ..data import ContrastivePairs, format_prompts, tokenize
+from ..metrics import Metric, get_metric, metric_name
+from . import causal, gradient, magnitude
+from .magnitude import KINDS, check_positions
+from .result import LocalizationResult
+
+# name -> (function, needs a metric, allowed string positions)
+METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str, ...]]] = {
+    "mean_diff": (magnitude.mean_diff, False, ("last", "all", "mean")),
+    "activation_stats": (magnitude.activation_stats, False, ("last", "all", "mean")),
+    "lape": (magnitude.lape_pairs, False, ("last", "all", "mean")),
+    "grad_x_act": (gradient.grad_x_act, True, ("last", "all")),
+    "attribution_patching": (gradient.attribution_patching, True, ("last", "all")),
+    "activation_patching": (causal.activation_patching, True, ("last", "all")),
+    "ablation": (causal.ablation, True, ("last", "all")),
+    "probe": (causal.probe, False, ("last", "all", "mean")),
+}
+DEFAULT_METRIC = "refusal"
+_COMMON = {"model", "batches", "class_batches", "metric", "components", "positions", "progress"}
+
+
+def locate(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: ContrastivePairs | Mapping[str, Sequence[str]],
+    method: str = "attribution_patching",
+    components: str | Sequence[str] = KINDS,
+    metric: str | Metric | None = None,
+    positions: str | Sequence[int] = "last",
+    batch_size: int = 8,
+    chat: bool | None = None,
+    progress: bool = True,
+    **method_kwargs: Any,
+) -> LocalizationResult:
+    """Score components with ``method`` and return a :class:`LocalizationResult`.
+
+    Args:
+        model: a supported causal LM (or a PEFT-wrapped one); left in the mode and with the
+            ``requires_grad`` flags it came with.
+        tokenizer: its tokenizer (chat template used when present, unless ``chat=False``).
+        pairs: :class:`ContrastivePairs` (positive = behaviour present). ``method="lape"`` also takes
+            ``{class_name: [prompts]}`` with two or more classes.
+        method: one of :data:`METHODS` (see the README table for what each score means).
+        components: any of ``"heads"``, ``"neurons"``, ``"residual"``.
+        metric: metric name or callable ``(logits, batch) -> [batch]`` for gradient and causal methods;
+            ``None`` means ``"refusal"`` for them. Magnitude methods and ``probe`` use none.
+        positions: ``"last"`` (last real token), ``"all"``, ``"mean"`` (magnitude/probe only) or token
+            indices (negative counts from the end, e.g. ``[-3, -2, -1]``).
+        batch_size: pairs per forward pass.
+        chat: use the chat template (``None``: when the tokenizer has one).
+        progress: show a tqdm progress bar.
+        **method_kwargs: method options, e.g. ``max_batch``, ``neuron_sample``, ``seed`` (causal),
+            ``mode`` (ablation), ``stat`` (activation_stats), ``min_prob`` (lape), ``test_size``,
+            ``steps`` (probe). Unknown options raise a ValueError listing the valid ones.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}.")
+    fn, needs_metric, allowed = METHODS[method]
+    kinds = _check_components(components)
+    positions = check_positions(positions, allowed)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    options = {n for n in inspect.signature(fn).parameters if n not in _COMMON}
+    unknown = sorted(set(method_kwargs) - options)
+    if unknown:
+        raise ValueError(f"method {method!r} got unknown options {unknown}; valid options: {sorted(options)}.")
+    spec_for(model)  # unsupported architectures fail here, before any work
+    kwargs: dict[str, Any] = dict(components=kinds, positions=positions, progress=progress, **method_kwargs)
+    metric_label = None
+    if needs_metric:
+        metric_fn = get_metric(DEFAULT_METRIC if metric is None else metric, tokenizer)
+        kwargs["metric"] = metric_fn
+        metric_label = metric_name(metric_fn)
+    elif metric is not None:
+        warnings.warn(f"method {method!r} uses no metric; `metric={metric!r}` is ignored.", stacklevel=2)
+    extra: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "components": list(kinds)}
+    extra["options"] = {k: v for k, v in method_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    if isinstance(pairs, Mapping):
+        if method != "lape":
+            raise ValueError(f"a dict of classes is only accepted by method='lape'; {method!r} needs ContrastivePairs.")
+        class_batches = _class_batches(tokenizer, pairs, batch_size, chat)
+        scores, method_extra = magnitude.lape(model, class_batches, **kwargs)
+        data_hash = _hash_classes(pairs)
+        extra["n_prompts"] = {name: len(prompts) for name, prompts in pairs.items()}
+    else:
+        if not isinstance(pairs, ContrastivePairs):
+            raise ValueError(
+                f"`pairs` must be ContrastivePairs (see ContrastivePairs.load), got {type(pairs).__name__}."
+            )
+        if len(pairs) == 0:
+            raise ValueError("`pairs` is empty; locate needs at least one contrastive pair.")
+        batches = list(pairs.batches(tokenizer, batch_size=batch_size, chat=chat))
+        scores, method_extra = fn(model, batches, **kwargs)
+        data_hash = pairs.data_hash()
+        extra["n_pairs"] = len(pairs)
+    extra.update(method_extra)
+    return LocalizationResult.from_model(model, scores, method, metric=metric_label, data_hash=data_hash, extra=extra)
+
+
+def _check_components(components: str | Sequence[str]) -> tuple[str, ...]:
+    kinds = (components,) if isinstance(components, str) else tuple(components)
+    bad = [k for k in kinds if k not in KINDS]
+    if not kinds or bad or len(set(kinds)) != len(kinds):
+        raise ValueError(
+            f"`components` must be a non-empty, duplicate-free selection of {KINDS}, got {components!r}"
+            + (f" (unknown: {bad})." if bad else ".")
+        )
+    return kinds
+
+
+def _class_batches(
+    tokenizer: Any, classes: Mapping[str, Sequence[str]], batch_size: int, chat: bool | None
+) -> dict[str, list[dict]]:
+    if len(classes) < 2:
+        raise ValueError(f"lape needs at least two classes, got {list(classes)}.")
+    out = {}
+    for name, prompts in classes.items():
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError(f"class {name!r} must be a non-empty list of prompts, got {prompts!r:.80}.")
+        texts = format_prompts(tokenizer, prompts, chat=chat)
+        out[str(name)] = [tokenize(tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    return out
+
+
+def _hash_classes(classes: Mapping[str, Sequence[str]]) -> str:
+    content = {str(k): list(v) for k, v in classes.items()}
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
