@@ -1,0 +1,374 @@
+"""Tuner layers of the steering adapter: a wrapped decoder layer and a wrapped input embedding.
+
+A wrapped decoder layer edits its output (the residual stream after the layer) for ``add`` and
+``clamp``, reads it for a condition, and, for the duration of its own forward only, hooks its
+attention/MLP output projections to scale heads/neurons (their inputs) and to project the
+ablated direction out of what they write to the residual stream. Hooks are registered and
+removed inside each forward, so nothing outlives the wrapper and copies of the model stay
+independent. Which tokens are prompt or generated comes from a :class:`SteeringState` shared by
+all layers of one adapter model (see :mod:`.model`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ...arch import ArchSpec, _get
+from .condition import condition_scores, decide
+
+if TYPE_CHECKING:
+    from .model import SteeringState
+
+# Families whose sublayer outputs pass through a norm before reaching the residual stream: the
+# direction must be projected out of that norm's output, and ablation cannot merge into weights.
+POST_NORM_WRITERS: dict[str, tuple[str, str]] = {
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one adapter does at one wrapped module."""
+
+    adapter: str
+    layer: int  # -1 for an input embedding
+    positions: str
+    op: str | None = None  # "add"/"clamp" when this layer's output is steered
+    alpha: float = 0.0
+    value: float | None = None
+    ablate: bool = False
+    head_scale: bool = False
+    neuron_scale: bool = False
+    condition: dict[str, Any] | None = None
+    is_condition_layer: bool = False
+
+    def merge_error(self, model_type: str) -> str | None:
+        """Why this plan cannot be merged into weights (``None`` when it can)."""
+        if self.op == "add":
+            return (
+                "`op='add'` adds a constant vector to the residual stream, which a bias-free model cannot hold in "
+                "its weights. Keep the adapter unmerged, or export it for llama.cpp with "
+                "`mi_peft.export.to_gguf_control_vector(adapter_dir, 'steer.gguf')`."
+            )
+        if self.op == "clamp":
+            return "`op='clamp'` sets a projection of the residual stream; it has no weight form. Keep it unmerged."
+        if self.condition is not None:
+            return "conditional steering decides per prompt at run time; it cannot be merged into weights."
+        if self.positions != "all":
+            return f"`positions={self.positions!r}` acts on some tokens only; only positions='all' can be merged."
+        if self.ablate and model_type in POST_NORM_WRITERS:
+            return (
+                f"directional ablation cannot merge exactly into {model_type} weights: a norm after each attention/"
+                "MLP output re-scales channels before the residual stream. Keep the adapter unmerged."
+            )
+        return None
+
+
+def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``x - (x · r) r`` along the last axis (``r`` a unit vector)."""
+    r = r.to(x.device, x.dtype)
+    return x - (x @ r)[..., None] * r
+
+
+def _masked(new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return new if mask is None else torch.where(mask, new, old)
+
+
+class SteeringTunerLayer(BaseTunerLayer):
+    """State shared by both steering layer types: per-adapter plans, directions and merge backups."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names = ("steer_plan", "steer_direction", "steer_condition", "steer_head_scale", "steer_neuron_scale")
+
+    def _init_steering(self, base_layer: nn.Module, spec: ArchSpec, state: SteeringState) -> None:
+        self.base_layer = base_layer
+        self.steer_spec = spec
+        self.steer_state = state
+        self.steer_plan: dict[str, LayerPlan] = {}
+        self.steer_direction = BufferDict({}, persistent=True)
+        self.steer_condition = BufferDict({}, persistent=True)
+        self.steer_head_scale = BufferDict({}, persistent=False)
+        self.steer_neuron_scale = BufferDict({}, persistent=False)
+        self.steer_backup: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]] = {}
+        self.steer_keep_backup = True
+        self.steer_checked: set[str] = set()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.steer_plan)
+
+    def _runtime_plans(self) -> list[LayerPlan]:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        plans = [
+            self.steer_plan[a] for a in self.active_adapters if a in self.steer_plan and a not in self.merged_adapters
+        ]
+        for plan in plans:
+            if plan.adapter not in self.steer_checked:
+                self._check_loaded(plan)
+        return plans
+
+    def _check_loaded(self, plan: LayerPlan) -> None:
+        """A direction that is still all zeros was never given (nor loaded): refuse instead of doing nothing."""
+        missing = (plan.op is not None or plan.ablate) and not bool(self.steer_direction[plan.adapter].any())
+        if missing or (plan.is_condition_layer and not bool(self.steer_condition[plan.adapter].any())):
+            raise ValueError(
+                f"steering adapter {plan.adapter!r} has no direction at layer {plan.layer}: build its config with "
+                "`SteeringConfig.from_directions(...)` or load a saved adapter with `PeftModel.from_pretrained`."
+            )
+        self.steer_checked.add(plan.adapter)
+
+    def _store_direction(self, adapter: str, vector: torch.Tensor | None, d_model: int) -> None:
+        """Keep the unit direction (zeros until a saved adapter's state dict is loaded into it)."""
+        value = torch.zeros(d_model) if vector is None else vector.detach().to("cpu", torch.float32)
+        self.steer_direction[adapter] = value.to(self.steer_device)
+
+    @property
+    def steer_device(self) -> torch.device:
+        return next(self.base_layer.parameters()).device
+
+    def _merge_modules(self, adapter: str, edits: list[tuple[nn.Module, Any]], safe_merge: bool) -> None:
+        """Apply ``fn(weight, bias) -> (weight, bias)`` to each module, keeping the originals to unmerge exactly."""
+        backup = []
+        for module, fn in edits:
+            weight, bias = module.weight, getattr(module, "bias", None)
+            if not weight.dtype.is_floating_point:
+                raise ValueError(f"cannot merge into quantized weights of {type(module).__name__}; keep it unmerged.")
+            new_w, new_b = fn(weight.data, None if bias is None else bias.data)  # new tensors; originals intact
+            if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+                raise ValueError(f"NaNs detected while merging steering adapter {adapter!r}; it seems to be broken.")
+            if self.steer_keep_backup:
+                backup.append((module, weight.data, None if bias is None else bias.data))
+            weight.data = new_w
+            if bias is not None:
+                bias.data = new_b
+        self.steer_backup[adapter] = backup
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            backup = self.steer_backup.pop(adapter, None)
+            if backup is None:
+                raise ValueError(f"adapter {adapter!r} was merged without a backup (merge_and_unload); cannot unmerge.")
+            for module, weight, bias in reversed(backup):
+                module.weight.data = weight
+                if bias is not None:
+                    module.bias.data = bias
+
+
+def _project_weight(r: torch.Tensor, conv1d: bool, rows_are_outputs: bool = True):
+    """Merge fn making a module's output orthogonal to ``r``: ``W <- P W``, ``b <- P b`` (computed in float32)."""
+
+    def fn(weight: torch.Tensor, bias: torch.Tensor | None):
+        w, rr = weight.float(), r.to(weight.device, torch.float32)
+        if conv1d or not rows_are_outputs:  # [in, out] (Conv1D) or [vocab, d_model] (embedding)
+            w = w - torch.outer(w @ rr, rr)
+        else:  # nn.Linear [out, in]
+            w = w - torch.outer(rr, rr @ w)
+        b = None if bias is None else (bias.float() - (bias.float() @ rr) * rr).to(bias.dtype)
+        return w.to(weight.dtype), b
+
+    return fn
+
+
+def _scale_weight(scale: torch.Tensor, conv1d: bool):
+    """Merge fn multiplying the input features of a projection by ``scale``."""
+
+    def fn(weight: torch.Tensor, bias: torch.Tensor | None):
+        s = scale.to(weight.device, torch.float32)
+        w = weight.float() * (s[:, None] if conv1d else s[None, :])
+        return w.to(weight.dtype), bias
+
+    return fn
+
+
+class SteeringLayer(nn.Module, SteeringTunerLayer):
+    """A decoder layer with steering: edits ``hook_resid_post`` and, inside its forward, its output projections."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: ArchSpec, state: SteeringState, **plan):
+        super().__init__()
+        self._init_steering(base_layer, spec, state)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **plan)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        plan: LayerPlan,
+        direction: torch.Tensor | None = None,
+        condition_direction: torch.Tensor | None = None,
+        head_factors: dict[int, float] | None = None,
+        neuron_factors: dict[int, float] | None = None,
+    ) -> None:
+        spec = self.steer_spec
+        self.steer_plan[adapter_name] = plan
+        self.steer_checked.discard(adapter_name)
+        if plan.op is not None or plan.ablate:
+            self._store_direction(adapter_name, direction, spec.d_model)
+        if plan.is_condition_layer:
+            value = torch.zeros(spec.d_model) if condition_direction is None else condition_direction.float()
+            self.steer_condition[adapter_name] = value.to(self.steer_device)
+        for factors, size, store in (
+            (head_factors, spec.n_heads, self.steer_head_scale),
+            (neuron_factors, spec.n_neurons, self.steer_neuron_scale),
+        ):
+            if factors:
+                vec = torch.ones(size)
+                vec[torch.tensor(list(factors))] = torch.tensor(list(factors.values()), dtype=torch.float32)
+                store[adapter_name] = vec.to(self.steer_device)
+        self.set_adapter(self.active_adapters)
+
+    def _module(self, kind: str, writer: bool) -> nn.Module:
+        spec, base = self.steer_spec, self.base_layer
+        if writer and spec.model_type in POST_NORM_WRITERS:
+            return _get(base, POST_NORM_WRITERS[spec.model_type][0 if kind == "attn" else 1])
+        return _get(base, spec.attn_out if kind == "attn" else spec.mlp_out)
+
+    def _input_scale(self, kind: str, adapter: str) -> torch.Tensor:
+        """Per input feature of the output projection: head factors repeated d_head times, or neuron factors."""
+        if kind == "attn":
+            return self.steer_head_scale[adapter].repeat_interleave(self.steer_spec.head_dim)
+        return self.steer_neuron_scale[adapter]
+
+    @contextmanager
+    def _writer_hooks(self, plans: list[LayerPlan]) -> Iterator[None]:
+        state, handles = self.steer_state, []
+
+        def scale_hook(kind: str, chosen: list[LayerPlan]):
+            def hook(_mod, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                for p in chosen:
+                    mask = state.steer_mask(p, x.shape[0], x.shape[1], x.device)
+                    x = _masked(x * self._input_scale(kind, p.adapter).to(x.dtype), x, mask)
+                return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
+
+            return hook
+
+        def ablate_hook(chosen: list[LayerPlan]):
+            def hook(_mod, _args, output):
+                for p in chosen:
+                    mask = state.steer_mask(p, output.shape[0], output.shape[1], output.device)
+                    output = _masked(project_out(output, self.steer_direction[p.adapter]), output, mask)
+                return output
+
+            return hook
+
+        try:
+            for kind, flag in (("attn", "head_scale"), ("mlp", "neuron_scale")):
+                chosen = [p for p in plans if getattr(p, flag)]
+                if chosen:
+                    module = self._module(kind, writer=False)
+                    handles.append(module.register_forward_pre_hook(scale_hook(kind, chosen), with_kwargs=True))
+                ablating = [p for p in plans if p.ablate]
+                if ablating:
+                    handles.append(self._module(kind, writer=True).register_forward_hook(ablate_hook(ablating)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        plans = self._runtime_plans()
+        if not plans:
+            return self.base_layer(*args, **kwargs)
+        writers = [p for p in plans if p.ablate or p.head_scale or p.neuron_scale]
+        if writers and self.training and getattr(self.base_layer, "gradient_checkpointing", False):
+            raise ValueError(
+                "steering with ablation or head/neuron scales hooks this layer's projections during its forward, "
+                "which gradient checkpointing would recompute without them; disable gradient checkpointing."
+            )
+        with self._writer_hooks(writers):
+            out = self.base_layer(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        state = self.steer_state
+        for p in plans:
+            if p.is_condition_layer and p.adapter not in state.decisions:
+                tokens = state.prompt_tokens(hidden.shape[0], hidden.shape[1], hidden.device)
+                cond = p.condition
+                scores = condition_scores(hidden, self.steer_condition[p.adapter], tokens, cond["measure"])
+                state.decisions[p.adapter] = decide(scores, cond["threshold"], cond["comparator"])
+        for p in plans:
+            if p.op is None:
+                continue
+            r = self.steer_direction[p.adapter].to(hidden.device, hidden.dtype)
+            if p.op == "add":
+                new = hidden + p.alpha * r
+            else:
+                new = hidden + (p.value - hidden @ r)[..., None] * r
+            hidden = _masked(new, hidden, state.steer_mask(p, hidden.shape[0], hidden.shape[1], hidden.device))
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        spec = self.steer_spec
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            plan = self.steer_plan.get(adapter)
+            if plan is None:
+                continue
+            error = plan.merge_error(spec.model_type)
+            if error:
+                raise ValueError(error)
+            edits = []
+            for kind, flag in (("attn", "head_scale"), ("mlp", "neuron_scale")):
+                if getattr(plan, flag):
+                    edits.append(
+                        (self._module(kind, False), _scale_weight(self._input_scale(kind, adapter), spec.conv1d))
+                    )
+                if plan.ablate:
+                    edits.append(
+                        (self._module(kind, True), _project_weight(self.steer_direction[adapter], spec.conv1d))
+                    )
+            self._merge_modules(adapter, edits, safe_merge)
+
+    def __repr__(self) -> str:
+        return "steering." + super().__repr__()
+
+
+class SteeringEmbedding(nn.Module, SteeringTunerLayer):
+    """An input embedding whose output has the ablated direction projected out (``op="ablate"``)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: ArchSpec, state: SteeringState, **plan):
+        super().__init__()
+        self._init_steering(base_layer, spec, state)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **plan)
+
+    def update_layer(self, adapter_name: str, plan: LayerPlan, direction: torch.Tensor | None = None, **_: Any) -> None:
+        self.steer_plan[adapter_name] = plan
+        self.steer_checked.discard(adapter_name)
+        self._store_direction(adapter_name, direction, self.steer_spec.d_model)
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(*args, **kwargs)
+        for p in self._runtime_plans():
+            mask = self.steer_state.steer_mask(p, out.shape[0], out.shape[1], out.device)
+            out = _masked(project_out(out, self.steer_direction[p.adapter]), out, mask)
+        return out
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            plan = self.steer_plan.get(adapter)
+            if plan is None:
+                continue
+            error = plan.merge_error(self.steer_spec.model_type)
+            if error:
+                raise ValueError(error)
+            fn = _project_weight(self.steer_direction[adapter], conv1d=False, rows_are_outputs=False)
+            self._merge_modules(adapter, [(self.base_layer, fn)], safe_merge)
+
+    def __repr__(self) -> str:
+        return "steering." + super().__repr__()
