@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import make_tiny
 
-import mi_peft.locate.result as result_mod
 from mi_peft.arch import spec_for
 from mi_peft.components import ComponentSet, Head, Neuron
 from mi_peft.fingerprint import FingerprintMismatchError
+from mi_peft.locate import result as result_mod
 from mi_peft.locate.result import LocalizationResult, count_parameters
 
 

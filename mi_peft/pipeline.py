@@ -1,0 +1,279 @@
+"""``mi-peft run RECIPE``: locate -> validate causally -> steer -> train -> evaluate -> report.
+
+Every variant is evaluated on the same held-out prompts, so the final table compares the base
+model, the best steering adapter, sparse adapters on located and on random components at the
+same budget, and a LoRA baseline, column for column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .capture import ablate
+from .data import ContrastivePairs, read_rows, read_texts
+from .evaluate import ab_accuracy, kl_to_base, language_rate, refusal_rate, target_rate
+from .evaluate.generation import generate
+from .locate import directions, locate
+from .metrics import get_metric
+from .models import load_model
+from .recipe import Recipe, load_recipe, parse_layers
+from .report import write_report
+from .train import dpo, sft
+from .tuners.sparse import SparseConfig
+from .tuners.steering import SteeringConfig
+
+
+def _metric_mean(model, tokenizer, pairs: ContrastivePairs, metric, batch_size: int) -> float:
+    """Mean metric on the positive side (the behaviour-present prompts)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for pos, _ in pairs.batches(tokenizer, batch_size=batch_size):
+            scores = metric(model(**pos).logits, pos)
+            total, n = total + float(scores.sum()), n + scores.numel()
+    return total / max(n, 1)
+
+
+def validate_causally(model, tokenizer, recipe: Recipe, result, val: ContrastivePairs) -> dict[str, Any]:
+    """Ablate the top-k located heads+neurons vs a random set of the same size; compare the metric."""
+    metric = get_metric(recipe.locate.metric, tokenizer)
+    pairs = val.subset(min(recipe.validate.pairs, len(val)), seed=recipe.seed)
+    k = recipe.validate.top_k
+    top = result.select(top_k=k, kinds=("heads", "neurons"))
+    rand = result.select(top_k=k, kinds=("heads", "neurons"), random=recipe.seed)
+    clean = _metric_mean(model, tokenizer, pairs, metric, recipe.locate.batch_size)
+    out = {"k": k, "clean": clean}
+    for name, comps in (("top", top), ("random", rand)):
+        with ablate(model, heads=comps.heads or None, neurons=comps.neurons or None):
+            out[name] = _metric_mean(model, tokenizer, pairs, metric, recipe.locate.batch_size)
+        out[f"{name}_components"] = comps.to_dict()
+    out["top_effect"], out["random_effect"] = out["top"] - clean, out["random"] - clean
+    return out
+
+
+class Evaluator:
+    """Measures the recipe's target behaviour and side effects on fixed held-out prompts."""
+
+    def __init__(self, recipe: Recipe, tokenizer, n_test: int | None = None):
+        ev = recipe.evaluate
+        self.recipe, self.tokenizer, self.ev = recipe, tokenizer, ev
+        n = n_test or ev.n_test
+        if ev.behaviour == "ab":
+            self.items = read_rows(recipe.test_positive)[:n]
+            self.positive, self.negative = [], []
+        else:
+            self.positive = read_texts(recipe.test_positive)[:n]
+            self.negative = read_texts(recipe.test_negative)[:n]
+        neutral_source = recipe.neutral or recipe.test_negative
+        self.neutral = read_texts(neutral_source)[: ev.n_neutral] if ev.behaviour != "ab" else []
+
+    def _rate(self, model, prompts: list[str]) -> float:
+        ev, tok = self.ev, self.tokenizer
+        if not prompts:
+            return float("nan")
+        if ev.behaviour == "refusal":
+            return refusal_rate(model, tok, prompts, max_new_tokens=ev.max_new_tokens).rate
+        if ev.behaviour == "language":
+            return language_rate(model, tok, prompts, language=ev.language, max_new_tokens=ev.max_new_tokens).rate
+        generations = generate(model, tok, prompts, max_new_tokens=ev.max_new_tokens)
+        return target_rate(generations, targets=[ev.target]).rate
+
+    def target(self, model, prompts: list[str] | None = None) -> float:
+        """Rate of the wanted behaviour (refusal of harmful prompts, French replies, non-sycophantic choice)."""
+        if self.ev.behaviour == "ab":
+            return 1.0 - ab_accuracy(model, self.tokenizer, self.items).accuracy
+        return self._rate(model, self.positive if prompts is None else prompts)
+
+    def side(self, model, prompts: list[str] | None = None) -> float:
+        """Rate of the same behaviour where it is unwanted (e.g. over-refusal of harmless prompts)."""
+        if self.ev.behaviour == "ab":
+            return float("nan")
+        return self._rate(model, self.negative if prompts is None else prompts)
+
+    def kl(self, model) -> float:
+        if not self.neutral or not isinstance(model, PeftModel):
+            return 0.0
+        return kl_to_base(model, self.tokenizer, self.neutral)
+
+
+def _adapter_bytes(folder: Path) -> int:
+    path = folder / "adapter_model.safetensors"
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _row(name: str, model, evaluator: Evaluator, out: Path | None, seconds: float, extra: dict | None = None) -> dict:
+    trainable, total = model.get_nb_trainable_parameters() if isinstance(model, PeftModel) else (0, None)
+    if total is None:
+        total = sum(p.numel() for p in model.parameters())
+    if out is not None and isinstance(model, PeftModel):
+        model.save_pretrained(out)
+    row = {
+        "variant": name,
+        "trainable_params": int(trainable),
+        "trainable_pct": 100.0 * trainable / total,
+        "adapter_bytes": _adapter_bytes(out) if out is not None else 0,
+        "target": evaluator.target(model),
+        "side": evaluator.side(model),
+        "kl_to_base": evaluator.kl(model),
+        "train_seconds": seconds,
+    }
+    return {**row, **(extra or {})}
+
+
+def steering_sweep(model, tokenizer, recipe: Recipe, dirs, val: ContrastivePairs, evaluator: Evaluator) -> dict:
+    """Alpha sweep of additive steering on validation prompts; pick the best alpha (target - side)."""
+    layers = parse_layers(recipe.steer.layers)
+    n = min(recipe.steer.val_prompts, len(val))
+    val_pos, val_neg = val.positive[:n], val.negative[:n]
+    sweep = []
+    for alpha in recipe.steer.alphas:
+        steered = get_peft_model(model, SteeringConfig.from_directions(dirs, layers=layers, alpha=float(alpha)))
+        sweep.append(
+            {
+                "alpha": float(alpha),
+                "target": evaluator.target(steered, val_pos),
+                "side": evaluator.side(steered, val_neg),
+            }
+        )
+        steered.unload()
+    best = max(sweep, key=lambda r: (r["target"] - (0 if math.isnan(r["side"]) else r["side"]), -r["alpha"]))
+    return {"layers": layers, "sweep": sweep, "best_alpha": best["alpha"]}
+
+
+def _fresh(recipe: Recipe):
+    model, _ = load_model(recipe.model)
+    return model
+
+
+def run_recipe(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    steps: int | None = None,
+    n_test: int | None = None,
+    pairs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run a recipe end to end and write ``report.md``, ``results.json`` and plots to ``out_dir``."""
+    recipe = load_recipe(path)
+    if steps is not None:
+        recipe.train = replace(recipe.train, steps=steps, dpo_steps=steps)
+    if pairs is not None:
+        recipe.locate = replace(recipe.locate, pairs=pairs)
+        recipe.validate = replace(recipe.validate, pairs=min(recipe.validate.pairs, pairs))
+        recipe.steer = replace(recipe.steer, val_prompts=min(recipe.steer.val_prompts, pairs))
+    out = Path(out_dir or Path("runs") / recipe.name)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model, tokenizer = load_model(recipe.model)
+    evaluator = Evaluator(recipe, tokenizer, n_test)
+    all_pairs = ContrastivePairs.load(recipe.pairs)
+    train_pairs, val_pairs, _ = all_pairs.split(val=0.2, test=0.0, seed=recipe.seed)
+    loc_pairs = train_pairs.subset(min(recipe.locate.pairs, len(train_pairs)), seed=recipe.seed)
+
+    log(f"[1/5] locate: {recipe.locate.method} on {len(loc_pairs)} pairs")
+    t = time.perf_counter()
+    result = locate(
+        model,
+        tokenizer,
+        loc_pairs,
+        method=recipe.locate.method,
+        components=recipe.locate.components,
+        metric=recipe.locate.metric,
+        batch_size=recipe.locate.batch_size,
+    )
+    result.save(out / "localization")
+    timings["locate"] = time.perf_counter() - t
+
+    log("[2/5] validate: ablate top components vs random ones")
+    validation = validate_causally(model, tokenizer, recipe, result, val_pairs)
+
+    log("[3/5] steer: directions, alpha sweep, conditional steering")
+    t = time.perf_counter()
+    dirs = directions(model, tokenizer, loc_pairs, method="mean_diff", layers=parse_layers(recipe.steer.layers))
+    steering = steering_sweep(model, tokenizer, recipe, dirs, val_pairs, evaluator)
+    rows = [_row("base", model, evaluator, None, 0.0)]
+    best = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=steering["best_alpha"])
+    steered = get_peft_model(model, best)
+    rows.append(
+        _row(f"steering add (alpha={steering['best_alpha']:g})", steered, evaluator, out / "adapters" / "steering", 0.0)
+    )
+    steered.unload()
+    if recipe.steer.conditional and recipe.evaluate.behaviour != "ab":
+        n = min(recipe.steer.val_prompts, len(val_pairs))
+        condition, report = SteeringConfig.calibrate_condition(
+            model, tokenizer, val_pairs.positive[:n], val_pairs.negative[:n], directions=dirs
+        )
+        steering["condition"] = report.chosen() if callable(getattr(report, "chosen", None)) else report.chosen
+        cond_cfg = SteeringConfig.from_directions(
+            dirs, layers=steering["layers"], alpha=steering["best_alpha"], condition=condition
+        )
+        steered = get_peft_model(model, cond_cfg)
+        rows.append(_row("conditional steering", steered, evaluator, out / "adapters" / "steering_conditional", 0.0))
+        steered.unload()
+    timings["steer"] = time.perf_counter() - t
+
+    log(f"[4/5] train: sparse located / sparse random / LoRA r={recipe.train.lora_r}, {recipe.train.steps} steps")
+    t = time.perf_counter()
+    tr = recipe.train
+    common = dict(max_steps=tr.steps, batch_size=tr.batch_size, max_length=tr.max_length, seed=recipe.seed)
+    select = dict(param_budget=tr.param_budget, kinds=tr.kinds, head_mode=tr.head_mode, neuron_mode=tr.neuron_mode)
+    variants = [
+        ("sparse located", SparseConfig.from_localization(result, **select), tr.lr),
+        ("sparse random", SparseConfig.from_localization(result, random=recipe.seed, **select), tr.lr),
+        (
+            f"LoRA r={tr.lora_r}",
+            LoraConfig(r=tr.lora_r, lora_alpha=2 * tr.lora_r, target_modules="all-linear"),
+            tr.lora_lr,
+        ),
+    ]
+    losses: dict[str, list[float]] = {}
+    data = recipe.sft if recipe.sft is not None else None
+    for name, config, lr in variants if data is not None else []:
+        slug = name.split()[0] + "_" + name.split()[1].replace("r=", "r")
+        run = sft(_fresh(recipe), tokenizer, data, config, output_dir=out / "train" / slug, learning_rate=lr, **common)
+        losses[name] = run.losses
+        rows.append(_row(name, run.model, evaluator, out / "adapters" / slug, run.train_seconds))
+    if recipe.dpo is not None:
+        dpo_steps = tr.dpo_steps or tr.steps
+        config = SparseConfig.from_localization(result, **select)
+        run = dpo(
+            _fresh(recipe),
+            tokenizer,
+            recipe.dpo,
+            config,
+            output_dir=out / "train" / "dpo",
+            learning_rate=tr.lr,
+            **{**common, "max_steps": dpo_steps},
+        )
+        losses["sparse located DPO"] = run.losses
+        rows.append(
+            _row("sparse located DPO", run.model, evaluator, out / "adapters" / "sparse_dpo", run.train_seconds)
+        )
+    timings["train_and_eval"] = time.perf_counter() - t
+
+    log("[5/5] report")
+    timings["total"] = time.perf_counter() - started
+    results = {
+        "recipe": recipe.to_dict(),
+        "localization": {
+            "method": result.method,
+            "top_heads": result.top("heads", 10) if "heads" in result.scores else [],
+        },
+        "validation": validation,
+        "steering": steering,
+        "variants": rows,
+        "losses": losses,
+        "timings": timings,
+    }
+    write_report(out, results, result)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+from peft import get_peft_model
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tk_models
+from transformers import PreTrainedTokenizerFast
+
+from mi_peft import SparseConfig, SteeringConfig
+from mi_peft.cli import main, parse_positions
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama + word-level tokenizer saved like a hub model folder."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny("llama").save_pretrained(path)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *[f"w{i}" for i in range(94)]])}
+    tok = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>").save_pretrained(path)
+    return path
+
+
+def test_info_prints_counts(tiny_dir, capsys):
+    assert main(["info", "--model", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "layers:          2" in out and "kv heads:        2" in out
+    assert "qkvo" in out and "in_out" in out
+
+
+def test_locate_writes_result_and_prints_table(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps([{"positive": f"w{i} w5 w6", "negative": f"w{i} w7 w8"} for i in range(10, 16)]))
+    out = tmp_path / "loc"
+    code = main(
+        [
+            "locate",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data),
+            "--method",
+            "mean_diff",
+            "--out",
+            str(out),
+            "--top",
+            "3",
+        ]
+    )
+    assert code == 0
+    assert (out / "scores.safetensors").is_file() and (out / "result.json").is_file()
+    text = capsys.readouterr().out
+    assert "top 3 heads" in text and "top 3 neurons" in text
+
+
+def test_export_lora_and_gguf(tiny_dir, tmp_path, capsys):
+    from mi_peft.models import load_model
+
+    model, _ = load_model(tiny_dir)
+    sparse = get_peft_model(model, SparseConfig(heads={1: [0]}, neurons={0: [3]}))
+    sparse.save_pretrained(tmp_path / "sparse")
+    assert main(["export", "lora", "--adapter", str(tmp_path / "sparse"), "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    model, _ = load_model(tiny_dir)
+    steer = get_peft_model(model, SteeringConfig.from_directions({1: torch.ones(32)}, layers=[1], alpha=2.0))
+    steer.save_pretrained(tmp_path / "steer")
+    assert main(["export", "gguf", "--adapter", str(tmp_path / "steer"), "--out", str(tmp_path / "s.gguf")]) == 0
+    assert (tmp_path / "s.gguf").stat().st_size > 0
+
+
+def test_errors_are_reported_not_raised(tiny_dir, tmp_path, capsys):
+    assert (
+        main(["locate", "--model", str(tiny_dir), "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    )
+    assert "error" in capsys.readouterr().err
+    assert (
+        main(["train", "--model", str(tiny_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)]) == 2
+    )
+
+
+def test_parse_positions():
+    assert parse_positions("last") == "last"
+    assert parse_positions("-3,-1") == [-3, -1]
+    with pytest.raises(ValueError, match="cannot parse positions"):
+        parse_positions("first")
