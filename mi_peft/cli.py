@@ -109,6 +109,15 @@ def cmd_locate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _short(value: object) -> object:
+    """Compact cell text: floats to 3 significant digits, lists element-wise."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(repr(v) if isinstance(v, str) else str(_short(v)) for v in value) + "]"
+    return value
+
+
 def cmd_lens(args: argparse.Namespace) -> int:
     from .lens import logit_lens
     from .models import load_model
@@ -116,7 +125,7 @@ def cmd_lens(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     lens = logit_lens(model, tokenizer, [args.prompt], targets=args.target or None, k=args.k, chat=not args.raw)
     rows = lens.table()
-    print_table([tuple(r.values()) for r in rows], tuple(rows[0].keys()))
+    print_table([tuple(_short(v) for v in r.values()) for r in rows], tuple(rows[0].keys()))
     if args.plot:
         lens.plot(args.plot)
         print(f"wrote {args.plot}")
