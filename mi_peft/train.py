@@ -68,10 +68,9 @@ def check_columns(dataset: Dataset, formats: Sequence[Sequence[str]], trainer: s
         raise ValueError(f"{trainer} data needs columns {wanted}; the dataset has {sorted(have)}.")
 
 
-def _common_args(output_dir: Path, max_steps: int, learning_rate: float, batch_size: int, seed: int) -> dict[str, Any]:
+def _common_args(max_steps: int, learning_rate: float, batch_size: int, seed: int) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
     return dict(
-        output_dir=str(output_dir),
         max_steps=max_steps,
         learning_rate=learning_rate,
         per_device_train_batch_size=batch_size,
@@ -99,7 +98,36 @@ def _check_peft(model: PreTrainedModel | PeftModel, peft_config: PeftConfig | No
         raise TypeError(f"`peft_config` must be a peft.PeftConfig, got {type(peft_config).__name__}.")
 
 
-def _finish(trainer, output_dir: Path, started: float, localization: Any | None) -> TrainResult:
+def _run(
+    trainer_cls: type,
+    config_cls: type,
+    formats: Sequence[Sequence[str]],
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Any,
+    peft_config: PeftConfig | None,
+    output_dir: str | os.PathLike,
+    common: dict[str, Any],
+    localization: Any | None,
+    callbacks: Sequence[TrainerCallback] | None,
+    **trainer_kwargs: Any,
+) -> TrainResult:
+    """Check everything, train with a TRL trainer, save the adapter (and its localization)."""
+    _check_peft(model, peft_config)
+    dataset = load_data(train_dataset)
+    check_columns(dataset, formats, trainer_cls.__name__)
+    output_dir = Path(output_dir)
+    trainer = trainer_cls(
+        model=model,
+        args=config_cls(output_dir=str(output_dir), **common),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks or []),
+        **trainer_kwargs,
+    )
+    started = time.perf_counter()
+    trainer.train()
     seconds = time.perf_counter() - started
     trainer.save_model(str(output_dir))
     if localization is not None and trainer.accelerator.is_main_process:
@@ -141,23 +169,20 @@ def sft(
     """
     from trl import SFTConfig, SFTTrainer
 
-    _check_peft(model, peft_config)
-    dataset = load_data(train_dataset)
-    check_columns(dataset, SFT_FORMATS, "SFT")
-    output_dir = Path(output_dir)
-    common = _common_args(output_dir, max_steps, learning_rate, batch_size, seed)
-    args = SFTConfig(**{**common, "max_length": max_length, **sft_args})
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=list(callbacks or []),
+    common = {**_common_args(max_steps, learning_rate, batch_size, seed), "max_length": max_length, **sft_args}
+    return _run(
+        SFTTrainer,
+        SFTConfig,
+        SFT_FORMATS,
+        model,
+        tokenizer,
+        train_dataset,
+        peft_config,
+        output_dir,
+        common,
+        localization,
+        callbacks,
     )
-    started = time.perf_counter()
-    trainer.train()
-    return _finish(trainer, output_dir, started, localization)
 
 
 def dpo(
@@ -185,21 +210,18 @@ def dpo(
     """
     from trl import DPOConfig, DPOTrainer
 
-    _check_peft(model, peft_config)
-    dataset = load_data(train_dataset)
-    check_columns(dataset, (DPO_FORMAT,), "DPO")
-    output_dir = Path(output_dir)
-    common = _common_args(output_dir, max_steps, learning_rate, batch_size, seed)
-    args = DPOConfig(**{**common, "beta": beta, "max_length": max_length, **dpo_args})
-    trainer = DPOTrainer(
-        model=model,
+    common = {**_common_args(max_steps, learning_rate, batch_size, seed), "beta": beta, "max_length": max_length}
+    return _run(
+        DPOTrainer,
+        DPOConfig,
+        (DPO_FORMAT,),
+        model,
+        tokenizer,
+        train_dataset,
+        peft_config,
+        output_dir,
+        {**common, **dpo_args},
+        localization,
+        callbacks,
         ref_model=None,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=list(callbacks or []),
     )
-    started = time.perf_counter()
-    trainer.train()
-    return _finish(trainer, output_dir, started, localization)
