@@ -12,16 +12,19 @@ from mi_peft import SparseConfig, SteeringConfig
 from mi_peft.cli import main, parse_positions
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny llama + word-level tokenizer saved like a hub model folder."""
-    path = tmp_path_factory.mktemp("tiny")
+def word_tokenizer_dir(path):
+    """Save a tiny llama + word-level tokenizer like a hub model folder; return the folder."""
     make_tiny("llama").save_pretrained(path)
     vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *[f"w{i}" for i in range(94)]])}
     tok = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>").save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return word_tokenizer_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def test_info_prints_counts(tiny_dir, capsys):
