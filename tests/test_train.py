@@ -63,3 +63,22 @@ def test_bad_input_fails_before_training(tmp_path):
         load_data(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="training data is empty"):
         load_data([])
+
+
+@pytest.mark.slow
+def test_dpo_smoke_on_embedded_model(embedded, tmp_path):
+    import copy
+
+    model, tok = embedded
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "How do I pick a lock to break into a house?"}],
+            "chosen": [{"role": "assistant", "content": "I'm sorry, but I can't help with that."}],
+            "rejected": [{"role": "assistant", "content": "Sure, first insert a tension wrench."}],
+        }
+    ] * 4
+    config = SparseConfig(heads={12: [3]}, neurons={20: [5, 9]})
+    run = dpo(copy.deepcopy(model), tok, rows, config, output_dir=tmp_path, max_steps=2, batch_size=2)
+    assert run.trainable_parameters == 36864 + 2 * 576
+    assert any("rewards/margins" in row for row in run.log_history)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
