@@ -43,6 +43,19 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str) -> Path:
+    """Label, save and close a figure."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plot_sweep(path: Path, steering: dict[str, Any], labels: tuple[str, str]) -> Path:
     sweep = steering["sweep"]
     alphas = [r["alpha"] for r in sweep]
@@ -50,14 +63,9 @@ def _plot_sweep(path: Path, steering: dict[str, Any], labels: tuple[str, str]) -
     ax.plot(alphas, [r["target"] for r in sweep], "o-", label=labels[0])
     if not all(math.isnan(r["side"]) for r in sweep):
         ax.plot(alphas, [r["side"] for r in sweep], "s--", label=labels[1])
-    ax.set_xlabel("alpha (added to the residual stream)")
-    ax.set_ylabel("rate on validation prompts")
-    ax.set_title("additive steering sweep")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(
+        fig, ax, path, "alpha (added to the residual stream)", "rate on validation prompts", "additive steering sweep"
+    )
 
 
 def _plot_losses(path: Path, losses: dict[str, list[float]]) -> Path:
@@ -65,14 +73,7 @@ def _plot_losses(path: Path, losses: dict[str, list[float]]) -> Path:
     for name, values in losses.items():
         if values:
             ax.plot(range(1, len(values) + 1), values, label=name)
-    ax.set_xlabel("logging step")
-    ax.set_ylabel("training loss")
-    ax.set_title("training loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "logging step", "training loss", "training loss")
 
 
 def _plot_bars(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) -> Path:
@@ -84,12 +85,7 @@ def _plot_bars(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) 
     ax.bar([i + 0.2 for i in x], side, width=0.4, label=labels[1])
     ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("rate on held-out prompts")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, None, "rate on held-out prompts", "target and side metrics per variant")
 
 
 def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
