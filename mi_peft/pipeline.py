@@ -23,9 +23,9 @@ from .data import ContrastivePairs, read_rows, read_texts
 from .evaluate import ab_accuracy, kl_to_base, language_rate, refusal_rate, target_rate
 from .evaluate.generation import generate
 from .locate import directions, locate
-from .metrics import get_metric
+from .metrics import get_metric, metric_name
 from .models import load_model
-from .recipe import Recipe, load_recipe, parse_layers
+from .recipe import Recipe, check_sizes, load_recipe, parse_layers
 from .report import write_report
 from .train import dpo, sft
 from .tuners.sparse import SparseConfig
@@ -42,15 +42,28 @@ def _metric_mean(model, tokenizer, pairs: ContrastivePairs, metric, batch_size: 
     return total / max(n, 1)
 
 
+def _metric(recipe: Recipe, tokenizer, section: str):
+    """The metric of ``locate`` or ``validate`` (validate falls back to the locate metric)."""
+    loc, val = recipe.locate, recipe.validate
+    if section == "validate" and val.metric is not None:
+        return get_metric(val.metric, tokenizer, **(val.metric_args or {}))
+    if loc.metric is None:
+        if section == "locate":
+            return None
+        raise ValueError(f"{recipe.path}: `locate.metric` is null, so set `validate.metric` for causal validation.")
+    return get_metric(loc.metric, tokenizer, **(loc.metric_args or {}))
+
+
 def validate_causally(model, tokenizer, recipe: Recipe, result, val: ContrastivePairs) -> dict[str, Any]:
     """Ablate the top-k located heads+neurons vs a random set of the same size; compare the metric."""
-    metric = get_metric(recipe.locate.metric, tokenizer)
+    metric = _metric(recipe, tokenizer, "validate")
     pairs = val.subset(min(recipe.validate.pairs, len(val)), seed=recipe.seed)
     k = recipe.validate.top_k
-    top = result.select(top_k=k, kinds=("heads", "neurons"))
-    rand = result.select(top_k=k, kinds=("heads", "neurons"), random=recipe.seed)
+    kinds = tuple(kind for kind in ("heads", "neurons") if kind in result.scores)
+    top = result.select(top_k=k, kinds=kinds)
+    rand = result.select(top_k=k, kinds=kinds, random=recipe.seed)
     clean = _metric_mean(model, tokenizer, pairs, metric, recipe.locate.batch_size)
-    out = {"k": k, "clean": clean}
+    out = {"k": k, "metric": metric_name(metric), "clean": clean}
     for name, comps in (("top", top), ("random", rand)):
         with ablate(model, heads=comps.heads or None, neurons=comps.neurons or None):
             out[name] = _metric_mean(model, tokenizer, pairs, metric, recipe.locate.batch_size)
@@ -59,20 +72,33 @@ def validate_causally(model, tokenizer, recipe: Recipe, result, val: Contrastive
     return out
 
 
+def _target_strings(recipe: Recipe) -> list[str]:
+    if recipe.targets is not None:
+        return [str(t) for t in json.loads(recipe.targets.read_text())]
+    target = recipe.evaluate.target
+    return [target] if isinstance(target, str) else list(target or [])
+
+
 class Evaluator:
-    """Measures the recipe's target behaviour and side effects on fixed held-out prompts."""
+    """Measures the recipe's target behaviour and side effects on fixed held-out prompts.
+
+    The first ``n_test`` rows of each test file are the test set; the next ``steer.val_prompts`` rows
+    are the validation set that picks the steering alpha, so no choice is made on test items.
+    """
 
     def __init__(self, recipe: Recipe, tokenizer, n_test: int | None = None):
         ev = recipe.evaluate
         self.recipe, self.tokenizer, self.ev = recipe, tokenizer, ev
-        n = n_test or ev.n_test
+        n, v = n_test or ev.n_test, recipe.steer.val_prompts
         if ev.behaviour == "ab":
-            self.items = read_rows(recipe.test_positive)[:n]
-            self.positive, self.negative = [], []
+            rows = read_rows(recipe.test_positive)
+            self.sets = {"test": (rows[:n], []), "val": (rows[n : n + v], [])}
         else:
-            self.positive = read_texts(recipe.test_positive)[:n]
-            self.negative = read_texts(recipe.test_negative)[:n]
-        neutral_source = recipe.neutral or recipe.test_negative
+            pos = read_texts(recipe.test_positive)
+            neg = read_texts(recipe.test_negative) if recipe.test_negative is not None else []
+            self.sets = {"test": (pos[:n], neg[:n]), "val": (pos[n : n + v], neg[n : n + v])}
+        self.targets = _target_strings(recipe)
+        neutral_source = recipe.neutral or recipe.test_negative or recipe.test_positive
         self.neutral = read_texts(neutral_source)[: ev.n_neutral] if ev.behaviour != "ab" else []
 
     def _rate(self, model, prompts: list[str]) -> float:
@@ -84,19 +110,18 @@ class Evaluator:
         if ev.behaviour == "language":
             return language_rate(model, tok, prompts, language=ev.language, max_new_tokens=ev.max_new_tokens).rate
         generations = generate(model, tok, prompts, max_new_tokens=ev.max_new_tokens)
-        return target_rate(generations, targets=[ev.target]).rate
+        return target_rate(generations, targets=self.targets).rate
 
-    def target(self, model, prompts: list[str] | None = None) -> float:
+    def target(self, model, split: str = "test") -> float:
         """Rate of the wanted behaviour (refusal of harmful prompts, French replies, non-sycophantic choice)."""
+        positive, _ = self.sets[split]
         if self.ev.behaviour == "ab":
-            return 1.0 - ab_accuracy(model, self.tokenizer, self.items).accuracy
-        return self._rate(model, self.positive if prompts is None else prompts)
+            return 1.0 - ab_accuracy(model, self.tokenizer, positive).accuracy if positive else float("nan")
+        return self._rate(model, positive)
 
-    def side(self, model, prompts: list[str] | None = None) -> float:
+    def side(self, model, split: str = "test") -> float:
         """Rate of the same behaviour where it is unwanted (e.g. over-refusal of harmless prompts)."""
-        if self.ev.behaviour == "ab":
-            return float("nan")
-        return self._rate(model, self.negative if prompts is None else prompts)
+        return self._rate(model, self.sets[split][1])
 
     def kl(self, model) -> float:
         if not self.neutral or not isinstance(model, PeftModel):
@@ -128,19 +153,17 @@ def _row(name: str, model, evaluator: Evaluator, out: Path | None, seconds: floa
     return {**row, **(extra or {})}
 
 
-def steering_sweep(model, tokenizer, recipe: Recipe, dirs, val: ContrastivePairs, evaluator: Evaluator) -> dict:
+def steering_sweep(model, recipe: Recipe, dirs, evaluator: Evaluator) -> dict:
     """Alpha sweep of additive steering on validation prompts; pick the best alpha (target - side)."""
     layers = parse_layers(recipe.steer.layers)
-    n = min(recipe.steer.val_prompts, len(val))
-    val_pos, val_neg = val.positive[:n], val.negative[:n]
     sweep = []
     for alpha in recipe.steer.alphas:
         steered = get_peft_model(model, SteeringConfig.from_directions(dirs, layers=layers, alpha=float(alpha)))
         sweep.append(
             {
                 "alpha": float(alpha),
-                "target": evaluator.target(steered, val_pos),
-                "side": evaluator.side(steered, val_neg),
+                "target": evaluator.target(steered, "val"),
+                "side": evaluator.side(steered, "val"),
             }
         )
         steered.unload()
@@ -169,13 +192,20 @@ def run_recipe(
         recipe.locate = replace(recipe.locate, pairs=pairs)
         recipe.validate = replace(recipe.validate, pairs=min(recipe.validate.pairs, pairs))
         recipe.steer = replace(recipe.steer, val_prompts=min(recipe.steer.val_prompts, pairs))
+    if n_test is not None:
+        recipe.evaluate = replace(recipe.evaluate, n_test=n_test)
+        check_sizes(recipe)
     out = Path(out_dir or Path("runs") / recipe.name)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model, tokenizer = load_model(recipe.model)
-    evaluator = Evaluator(recipe, tokenizer, n_test)
-    all_pairs = ContrastivePairs.load(recipe.pairs)
+    evaluator = Evaluator(recipe, tokenizer)
+    keys = recipe.pair_keys or {}
+    all_pairs = ContrastivePairs.load(
+        recipe.pairs,
+        **{f"{k}_key": keys[k] for k in ("positive", "negative", "prompt") if k in keys},
+    )
     train_pairs, val_pairs, _ = all_pairs.split(val=0.2, test=0.0, seed=recipe.seed)
     loc_pairs = train_pairs.subset(min(recipe.locate.pairs, len(train_pairs)), seed=recipe.seed)
 
@@ -187,7 +217,8 @@ def run_recipe(
         loc_pairs,
         method=recipe.locate.method,
         components=recipe.locate.components,
-        metric=recipe.locate.metric,
+        metric=_metric(recipe, tokenizer, "locate"),
+        positions=recipe.locate.positions,
         batch_size=recipe.locate.batch_size,
     )
     result.save(out / "localization")
@@ -198,8 +229,8 @@ def run_recipe(
 
     log("[3/5] steer: directions, alpha sweep, conditional steering")
     t = time.perf_counter()
-    dirs = directions(model, tokenizer, loc_pairs, method="mean_diff", layers=parse_layers(recipe.steer.layers))
-    steering = steering_sweep(model, tokenizer, recipe, dirs, val_pairs, evaluator)
+    dirs = directions(model, tokenizer, loc_pairs, method=recipe.steer.method, layers=parse_layers(recipe.steer.layers))
+    steering = steering_sweep(model, recipe, dirs, evaluator)
     rows = [_row("base", model, evaluator, None, 0.0)]
     best = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=steering["best_alpha"])
     steered = get_peft_model(model, best)
@@ -207,7 +238,7 @@ def run_recipe(
         _row(f"steering add (alpha={steering['best_alpha']:g})", steered, evaluator, out / "adapters" / "steering", 0.0)
     )
     steered.unload()
-    if recipe.steer.conditional and recipe.evaluate.behaviour != "ab":
+    if recipe.steer.conditional:
         n = min(recipe.steer.val_prompts, len(val_pairs))
         condition, report = SteeringConfig.calibrate_condition(
             model, tokenizer, val_pairs.positive[:n], val_pairs.negative[:n], directions=dirs
@@ -275,5 +306,16 @@ def run_recipe(
         "timings": timings,
     }
     write_report(out, results, result)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))
     return results
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a metric that does not apply, e.g. no side prompts) becomes JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -34,22 +34,31 @@ def parse_layers(text: str | None) -> list[int] | None:
 class LocateSection:
     method: str = "attribution_patching"
     metric: str | None = "refusal"
+    metric_args: dict[str, Any] | None = None
     pairs: int = 64
     batch_size: int = 8
     components: tuple[str, ...] = ("heads", "neurons", "residual")
+    positions: str = "last"
 
 
 @dataclass
 class ValidateSection:
+    """Ablate the top-k located components vs k random ones; ``metric`` defaults to the locate metric."""
+
     top_k: int = 10
     pairs: int = 16
+    metric: str | None = None
+    metric_args: dict[str, Any] | None = None
 
 
 @dataclass
 class SteerSection:
+    """Alpha sweep on ``val_prompts`` held-out prompts taken after the first ``n_test`` of the test files."""
+
     layers: str = "8-19"
     alphas: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)
-    conditional: bool = True
+    method: str = "mean_diff"
+    conditional: bool = False
     val_prompts: int = 16
 
 
@@ -74,7 +83,7 @@ class EvaluateSection:
     n_test: int = 50
     max_new_tokens: int = 32
     n_neutral: int = 20
-    target: str | None = None
+    target: str | tuple[str, ...] | None = None
     language: str | None = None
 
 
@@ -86,7 +95,9 @@ class Recipe:
     path: Path
     pairs: Path
     test_positive: Path
-    test_negative: Path
+    test_negative: Path | None = None
+    pair_keys: dict[str, str] | None = None
+    targets: Path | None = None
     sft: Path | None = None
     dpo: Path | None = None
     neutral: Path | None = None
@@ -116,8 +127,9 @@ _SECTIONS = {
     "train": TrainSection,
     "evaluate": EvaluateSection,
 }
-_REQUIRED_DATA = ("pairs", "test_positive", "test_negative")
-_OPTIONAL_DATA = ("sft", "dpo", "neutral")
+_REQUIRED_DATA = ("pairs", "test_positive")
+_OPTIONAL_DATA = ("test_negative", "sft", "dpo", "neutral", "targets")
+_PAIR_KEYS = ("prompt", "positive", "negative")
 _TOP_LEVEL = {"name", "description", "model", "seed", "data", *_SECTIONS}
 
 
@@ -163,10 +175,14 @@ def load_recipe(path: str | Path) -> Recipe:
     data = raw["data"]
     if not isinstance(data, dict):
         raise ValueError(f"{source}: `data` must be a mapping of names to files.")
-    extra = sorted(set(data) - set(_REQUIRED_DATA) - set(_OPTIONAL_DATA))
+    extra = sorted(set(data) - set(_REQUIRED_DATA) - set(_OPTIONAL_DATA) - {"pair_keys"})
     if extra:
+        allowed = sorted((*_REQUIRED_DATA, *_OPTIONAL_DATA, "pair_keys"))
+        raise ValueError(f"{source}: unknown `data` field(s) {extra}; allowed: {allowed}.")
+    pair_keys = data.get("pair_keys")
+    if pair_keys is not None and (not isinstance(pair_keys, dict) or set(pair_keys) - set(_PAIR_KEYS)):
         raise ValueError(
-            f"{source}: unknown `data` field(s) {extra}; allowed: {sorted(_REQUIRED_DATA + _OPTIONAL_DATA)}."
+            f"{source}: `data.pair_keys` maps {list(_PAIR_KEYS)} to column names of `data.pairs`, got {pair_keys!r}."
         )
     base = source.parent
     paths = {k: _data_path(base, data, k, source, k in _REQUIRED_DATA) for k in _REQUIRED_DATA + _OPTIONAL_DATA}
@@ -177,6 +193,7 @@ def load_recipe(path: str | Path) -> Recipe:
         model=raw.get("model"),
         description=str(raw.get("description", "")),
         seed=int(raw.get("seed", 0)),
+        pair_keys=pair_keys,
         **paths,
         **sections,
     )
@@ -190,8 +207,25 @@ def _check(recipe: Recipe, source: Path) -> None:
         raise ValueError(f"{source}: `evaluate.behaviour` must be one of {BEHAVIOURS}, got {ev.behaviour!r}.")
     if ev.behaviour == "language" and not ev.language:
         raise ValueError(f"{source}: `evaluate.behaviour: language` needs `evaluate.language` (e.g. fr).")
-    if ev.behaviour == "target" and not ev.target:
-        raise ValueError(f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string).")
+    if ev.behaviour == "target" and not (ev.target or recipe.targets):
+        raise ValueError(
+            f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string or a list of strings) "
+            "or `data.targets` (a JSON list of strings)."
+        )
+    if ev.behaviour == "ab":
+        keys = {"question", "answer_matching_behavior", "answer_not_matching_behavior"}
+        rows = _rows(recipe.test_positive)
+        first = rows[0] if rows else None
+        if not isinstance(first, dict) or not keys <= set(first):
+            found = sorted(first) if isinstance(first, dict) else type(first).__name__
+            raise ValueError(
+                f"{source}: `evaluate.behaviour: ab` needs A/B rows in `data.test_positive` with keys {sorted(keys)}; "
+                f"the first row of {recipe.test_positive.name} is {found}."
+            )
+    if recipe.pair_keys is not None and not recipe.pairs.is_file():
+        raise ValueError(f"{source}: `data.pair_keys` names columns of a file, but `data.pairs` is a folder.")
+    if recipe.steer.method not in ("mean_diff", "pca", "probe"):
+        raise ValueError(f"{source}: `steer.method` must be mean_diff, pca or probe, got {recipe.steer.method!r}.")
     if recipe.sft is None and recipe.dpo is None:
         raise ValueError(f"{source}: give `data.sft` and/or `data.dpo` training data.")
     if not tr.param_budget > 0:
@@ -209,6 +243,20 @@ def _check(recipe: Recipe, source: Path) -> None:
         if kind not in ("heads", "neurons", "residual"):
             raise ValueError(f"{source}: `locate.components` has unknown kind {kind!r}; use heads, neurons, residual.")
     _check_columns(recipe, source)
+    check_sizes(recipe)
+
+
+def check_sizes(recipe: Recipe) -> None:
+    """The test files must hold ``n_test`` test items plus at least 2 validation items for the alpha sweep."""
+    ev, source = recipe.evaluate, recipe.path
+    files = [recipe.test_positive] + ([recipe.test_negative] if recipe.test_negative is not None else [])
+    for path in files:
+        rows = len(_rows(path))
+        if rows < ev.n_test + 2:
+            raise ValueError(
+                f"{source}: {path.name} has {rows} rows but `evaluate.n_test` is {ev.n_test}; the alpha sweep "
+                f"validates on the rows after the first n_test, so lower n_test to at most {rows - 2}."
+            )
 
 
 def _check_columns(recipe: Recipe, source: Path) -> None:
@@ -225,14 +273,18 @@ def _check_columns(recipe: Recipe, source: Path) -> None:
             raise ValueError(f"{source}: `data.{key}` ({path.name}) needs columns {wanted}; it has {sorted(first)}.")
 
 
-def _first_row(path: Path) -> dict[str, Any]:
+def _rows(path: Path) -> list[Any]:
     if path.suffix == ".jsonl":
-        with path.open() as handle:
-            line = handle.readline()
-        row = json.loads(line) if line.strip() else None
-    else:
-        rows = json.loads(path.read_text())
-        row = rows[0] if isinstance(rows, list) and rows else None
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} must hold a JSON list of rows.")
+    return rows
+
+
+def _first_row(path: Path) -> dict[str, Any]:
+    rows = _rows(path)
+    row = rows[0] if rows else None
     if not isinstance(row, dict):
         raise ValueError(f"{path} is empty or not a list of objects.")
     return row

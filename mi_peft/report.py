@@ -30,7 +30,7 @@ _LABELS = {
 
 
 def _cell(value: Any, fmt: str) -> str:
-    if isinstance(value, float) and math.isnan(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return fmt.format(value)
 

@@ -126,6 +126,11 @@ def _run(
         callbacks=list(callbacks or []),
         **trainer_kwargs,
     )
+    if trainer.train_dataset is not None and len(trainer.train_dataset) == 0:
+        raise ValueError(
+            f"no training row is left after {trainer_cls.__name__}'s preprocessing: with max_length="
+            f"{common.get('max_length')} every row's completion was truncated away. Raise `max_length`."
+        )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

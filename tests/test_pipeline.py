@@ -52,3 +52,44 @@ def test_run_writes_consistent_report(tmp_path, capsys):
     assert located["adapter_bytes"] > 0 and results["variants"][0]["trainable_params"] == 0
     assert comparison_table(results["variants"]) in (out / "report.md").read_text()
     assert comparison_table(results["variants"]) in capsys.readouterr().out
+
+
+RECIPES = DATA.parents[1]
+TINY = {
+    "locate": {"pairs": 4, "batch_size": 4},
+    "validate": {"top_k": 3, "pairs": 2},
+    "steer": {"layers": "8-9", "val_prompts": 2},
+    "train": {"steps": 1, "batch_size": 2, "param_budget": 0.0005},
+    "evaluate": {"n_test": 2, "max_new_tokens": 4, "n_neutral": 2},
+}
+
+
+def _tiny_copy(name: str, tmp_path: Path) -> Path:
+    """The shipped recipe with absolute data paths and every size cut to a few items."""
+    raw = yaml.safe_load((RECIPES / name).read_text())
+    for key, value in raw["data"].items():
+        if isinstance(value, str):
+            raw["data"][key] = str(RECIPES / value)
+    for section, values in TINY.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    raw["steer"]["alphas"] = raw["steer"]["alphas"][:2]
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["language.yaml", "sycophancy.yaml", "sentiment.yaml"])
+def test_every_shipped_recipe_runs(tmp_path, name):
+    out = tmp_path / "run"
+    assert main(["run", str(_tiny_copy(name, tmp_path)), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [row["variant"] for row in results["variants"]]
+    assert names[:2] == ["base", names[1]] and names[1].startswith("steering add")
+    assert {"sparse located", "sparse random", "LoRA r=8"} <= set(names)
+    assert ("sparse located DPO" in names) == (name == "sycophancy.yaml")
+    for row in results["variants"]:
+        assert 0.0 <= row["target"] <= 1.0, row
+        assert row["side"] is None or 0.0 <= row["side"] <= 1.0, row
+    assert math.isfinite(results["validation"]["top_effect"])
+    assert comparison_table(results["variants"]) in (out / "report.md").read_text()

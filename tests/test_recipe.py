@@ -10,8 +10,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _write(tmp_path: Path, recipe: dict) -> Path:
-    (tmp_path / "pos.json").write_text(json.dumps(["a", "b"]))
-    (tmp_path / "neg.json").write_text(json.dumps(["c", "d"]))
+    (tmp_path / "pos.json").write_text(json.dumps([f"harmful {i}" for i in range(60)]))
+    (tmp_path / "neg.json").write_text(json.dumps([f"harmless {i}" for i in range(60)]))
     (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -30,11 +30,21 @@ def _base() -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["refusal.yaml"])
+@pytest.mark.parametrize("name", ["refusal.yaml", "sentiment.yaml", "language.yaml", "sycophancy.yaml"])
 def test_shipped_recipes_load(name):
     recipe = load_recipe(RECIPES / name)
     assert recipe.sft is not None and recipe.sft.is_file()
-    assert recipe.test_positive.is_file() and recipe.test_negative.is_file()
+    assert recipe.test_positive.is_file()
+    assert recipe.train.param_budget <= 0.0013
+
+
+def test_shipped_recipes_pairs_load():
+    from mi_peft.data import ContrastivePairs
+
+    syco = load_recipe(RECIPES / "sycophancy.yaml")
+    keys = {f"{k}_key": v for k, v in syco.pair_keys.items()}
+    pairs = ContrastivePairs.load(syco.pairs, **keys)
+    assert pairs.prompts is not None and len(pairs) == 300 and pairs.positive[0] in ("(A)", "(B)")
 
 
 def test_valid_minimal_recipe(tmp_path):
@@ -56,6 +66,12 @@ def test_valid_minimal_recipe(tmp_path):
         (lambda r: r.update(train={"param_budget": 0}), "`train.param_budget` must be > 0"),
         (lambda r: r.update(locate={"components": ["heads", "mlp"]}), "unknown kind 'mlp'"),
         (lambda r: r.update(colour="red"), r"unknown top-level field\(s\) \['colour'\]"),
+        (lambda r: r.update(evaluate={"n_test": 59}), r"pos.json has 60 rows but `evaluate.n_test` is 59"),
+        (lambda r: r.update(evaluate={"behaviour": "target"}), "needs `evaluate.target`"),
+        (lambda r: r.update(evaluate={"behaviour": "ab"}), "needs A/B rows in `data.test_positive`"),
+        (lambda r: r["data"].update(pair_keys={"question": "q"}), "`data.pair_keys` maps"),
+        (lambda r: r["data"].update(pair_keys={"prompt": "q"}), "`data.pairs` is a folder"),
+        (lambda r: r.update(steer={"method": "svd"}), "`steer.method` must be"),
     ],
 )
 def test_bad_recipes_fail_before_training(tmp_path, edit, message):
