@@ -183,6 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        **({"save_steps": args.save_steps} if args.save_steps else {}),
+        **({"resume_from_checkpoint": args.resume} if args.resume else {}),
     )
     pct = 100 * result.trainable_parameters / result.total_parameters
     losses = result.losses
@@ -327,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-length", type=int, default=256)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", required=True)
+    tr.add_argument("--save-steps", type=int, default=None, help="Write a resumable checkpoint-N folder every N steps.")
+    tr.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="Resume from the newest complete checkpoint in --out (or from the given checkpoint folder).",
+    )
     tr.set_defaults(func=cmd_train)
 
     st = sub.add_parser("steer", help="Build a steering adapter and compare generations side by side.")

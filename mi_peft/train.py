@@ -20,6 +20,8 @@ from datasets import Dataset, load_dataset
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from .checkpoints import resolve_checkpoint
+
 SFT_FORMATS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
 DPO_FORMAT: tuple[str, ...] = ("prompt", "chosen", "rejected")
 
@@ -77,7 +79,6 @@ def _common_args(max_steps: int, learning_rate: float, batch_size: int, seed: in
         lr_scheduler_type="constant",
         warmup_steps=0,
         logging_steps=max(1, min(10, max_steps // 10)),
-        save_strategy="no",
         report_to=[],
         seed=seed,
         use_cpu=not on_gpu,
@@ -117,6 +118,7 @@ def _run(
     dataset = load_data(train_dataset)
     check_columns(dataset, formats, trainer_cls.__name__)
     output_dir = Path(output_dir)
+    common = {"save_strategy": "steps" if "save_steps" in common else "no", **common}
     trainer = trainer_cls(
         model=model,
         args=config_cls(output_dir=str(output_dir), **common),
@@ -132,7 +134,10 @@ def _run(
             f"{common.get('max_length')} every row's completion was truncated away. Raise `max_length`."
         )
     started = time.perf_counter()
-    trainer.train()
+    resume = trainer.args.resume_from_checkpoint  # TrainingArguments keeps it, but Trainer.train() ignores it
+    if resume:  # True: the newest COMPLETE checkpoint (transformers' own pick may be half-written)
+        resume = str(resolve_checkpoint(output_dir if resume is True else resume))
+    trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.perf_counter() - started
     trainer.save_model(str(output_dir))
     if localization is not None and trainer.accelerator.is_main_process:
