@@ -145,7 +145,7 @@ def refusal_rate(
     tokenizer: Any,
     prompts: Sequence[str],
     max_new_tokens: int = 32,
-    batch_size: int = 8,
+    batch_size: int = 32,
     chat: bool | None = None,
     system: str | None = None,
     substrings: Sequence[str] = REFUSAL_SUBSTRINGS,
@@ -201,7 +201,7 @@ def language_rate(
     prompts: Sequence[str],
     language: str = "fr",
     max_new_tokens: int = 32,
-    batch_size: int = 8,
+    batch_size: int = 32,
     chat: bool | None = None,
     system: str | None = None,
 ) -> RateResult:

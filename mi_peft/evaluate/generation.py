@@ -35,7 +35,7 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[str],
     max_new_tokens: int = 32,
-    batch_size: int = 8,
+    batch_size: int = 32,
     chat: bool | None = None,
     system: str | None = None,
 ) -> list[str]:
@@ -66,10 +66,12 @@ def generate(
     pad_token_id = pad_id(tokenizer)
     stop = eos_token_ids(model, tokenizer)
     device = device_of(model)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch: less padding
+    ordered = [seqs[i] for i in order]
     replies: list[str] = []
     slices = list(batches(len(seqs), batch_size))
     for sl in tqdm(slices, desc="generate", leave=False, disable=len(slices) < 2):
-        input_ids, attention_mask = pad(seqs[sl], pad_token_id, side="left")
+        input_ids, attention_mask = pad(ordered[sl], pad_token_id, side="left")
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids.to(device),
@@ -82,4 +84,7 @@ def generate(
             )
         new = out[:, input_ids.shape[1] :].cpu()
         replies.extend(_decode(tokenizer, row, set(stop)) for row in new)
-    return replies
+    restored = [""] * len(seqs)
+    for position, reply in zip(order, replies, strict=True):
+        restored[position] = reply
+    return restored
