@@ -229,7 +229,12 @@ def run_recipe(
 
     log("[3/5] steer: directions, alpha sweep, conditional steering")
     t = time.perf_counter()
-    dirs = directions(model, tokenizer, loc_pairs, method=recipe.steer.method, layers=parse_layers(recipe.steer.layers))
+    steer_pairs = loc_pairs
+    if recipe.steer_pairs is not None:  # e.g. answer prefixes: refusal vs compliance after the same prompt
+        steer_pairs = ContrastivePairs.load(recipe.steer_pairs, prompt_key="prompt")
+        steer_pairs = steer_pairs.subset(min(recipe.locate.pairs, len(steer_pairs)), seed=recipe.seed)
+    layers = parse_layers(recipe.steer.layers)
+    dirs = directions(model, tokenizer, steer_pairs, method=recipe.steer.method, layers=layers)
     steering = steering_sweep(model, recipe, dirs, evaluator)
     rows = [_row("base", model, evaluator, None, 0.0)]
     best = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=steering["best_alpha"])

@@ -98,6 +98,7 @@ class Recipe:
     test_negative: Path | None = None
     pair_keys: dict[str, str] | None = None
     targets: Path | None = None
+    steer_pairs: Path | None = None
     sft: Path | None = None
     dpo: Path | None = None
     neutral: Path | None = None
@@ -128,7 +129,7 @@ _SECTIONS = {
     "evaluate": EvaluateSection,
 }
 _REQUIRED_DATA = ("pairs", "test_positive")
-_OPTIONAL_DATA = ("test_negative", "sft", "dpo", "neutral", "targets")
+_OPTIONAL_DATA = ("test_negative", "sft", "dpo", "neutral", "targets", "steer_pairs")
 _PAIR_KEYS = ("prompt", "positive", "negative")
 _TOP_LEVEL = {"name", "description", "model", "seed", "data", *_SECTIONS}
 
@@ -221,6 +222,13 @@ def _check(recipe: Recipe, source: Path) -> None:
             raise ValueError(
                 f"{source}: `evaluate.behaviour: ab` needs A/B rows in `data.test_positive` with keys {sorted(keys)}; "
                 f"the first row of {recipe.test_positive.name} is {found}."
+            )
+    if recipe.steer_pairs is not None:
+        first = _first_row(recipe.steer_pairs)
+        if not {"prompt", "positive", "negative"} <= set(first):
+            raise ValueError(
+                f"{source}: `data.steer_pairs` rows need keys prompt, positive, negative (a prompt and two "
+                f"completions); {recipe.steer_pairs.name} has {sorted(first)}."
             )
     if recipe.pair_keys is not None and not recipe.pairs.is_file():
         raise ValueError(f"{source}: `data.pair_keys` names columns of a file, but `data.pairs` is a folder.")

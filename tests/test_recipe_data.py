@@ -154,6 +154,18 @@ def test_refusal_training_rows():
     assert sum(_user(r) in set(harmful) for r in dpo) >= 0.5 * len(harmful)
 
 
+def test_refusal_steer_pairs_are_the_harmful_dpo_rows_cut_to_answer_prefixes():
+    harmful = set(_instructions("refusal/harmful.json"))
+    dpo = [r for r in _rows("refusal/dpo_train.jsonl") if _user(r) in harmful]
+    steer = _json("refusal/steer_pairs.json")
+    assert [r["prompt"] for r in steer] == [_user(r) for r in dpo]
+    for row, source in zip(steer, dpo, strict=True):
+        assert row["positive"].startswith(REFUSAL_OPENINGS) and not row["negative"].startswith(REFUSAL_OPENINGS)
+        assert " ".join(_reply(source, "chosen").split()).startswith(row["positive"])
+        assert " ".join(_reply(source, "rejected").split()).startswith(row["negative"])
+        assert len(row["positive"].split()) <= 6 and len(row["negative"].split()) <= 6
+
+
 def test_sentiment_pairs_differ_only_in_the_persona():
     for split in ("", "_test"):
         pos, neg = _json(f"sentiment/positive{split}.json"), _json(f"sentiment/negative{split}.json")

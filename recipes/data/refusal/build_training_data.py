@@ -8,6 +8,10 @@ Run once (several minutes on CPU) and commit the outputs::
   reply (self-distillation: the adapter learns to refuse without moving harmless behaviour).
 - ``dpo_train.jsonl``: harmful prompt: chosen = refusal, rejected = the model's own compliant reply;
   harmless prompt: chosen = the model's reply, rejected = a refusal (against over-refusal).
+- ``steer_pairs.json``: completion-mode pairs for the steering direction, derived from the harmful DPO rows:
+  the same harmful prompt followed by the first words of the refusal vs of the model's own reply. The
+  difference at the answer's start is the "refuse now" direction; ``--steer-pairs-only`` rebuilds it from
+  ``dpo_train.jsonl`` without the model.
 
 Rows are TRL conversational prompt-completion / preference rows. The held-out ``*_test.json`` files are only read
 to check that no test prompt leaks into training. Everything is deterministic: greedy decoding, and each
@@ -34,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 0
 MAX_NEW_TOKENS = 64
 BATCH_SIZE = 16
+STEER_PREFIX_WORDS = 6
 # Each opens with a classic refusal phrase ("I'm sorry", "I can't", "I cannot", "I won't") so substring judges see it.
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
@@ -124,6 +129,30 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def answer_prefix(text: str, words: int = STEER_PREFIX_WORDS) -> str:
+    return " ".join(text.split()[:words])
+
+
+def build_steer_pairs(dpo: Sequence[dict]) -> list[dict[str, str]]:
+    """``{prompt, positive, negative}`` rows: a harmful prompt, the start of a refusal vs of a compliant reply."""
+    harmful = set(instructions("harmful"))
+    return [
+        {
+            "prompt": row["prompt"][0]["content"],
+            "positive": answer_prefix(row["chosen"][0]["content"]),
+            "negative": answer_prefix(row["rejected"][0]["content"]),
+        }
+        for row in dpo
+        if row["prompt"][0]["content"] in harmful
+    ]
+
+
+def _write_steer_pairs(dpo: Sequence[dict]) -> int:
+    rows = build_steer_pairs(dpo)
+    (HERE / "steer_pairs.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return len(rows)
+
+
 def build(batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, int]:
     """Generate the replies and write ``sft_train.jsonl`` and ``dpo_train.jsonl``; returns row counts."""
     harmful, harmless = instructions("harmful"), instructions("harmless")
@@ -156,6 +185,7 @@ def build(batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS) ->
     counts = {
         "sft_rows": len(sft),
         "dpo_rows": len(dpo),
+        "steer_pairs": _write_steer_pairs(dpo),
         "harmful_model_refused": sum(is_refusal(r) for r in harmful_replies),
         "harmless_model_refused": sum(is_refusal(r) for r in harmless_replies),
         "empty_replies": sum(not r for r in replies),
@@ -168,7 +198,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="most tokens per reply")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy CPU)")
+    parser.add_argument(
+        "--steer-pairs-only", action="store_true", help="only rebuild steer_pairs.json from dpo_train.jsonl (no model)"
+    )
     args = parser.parse_args()
+    if args.steer_pairs_only:
+        dpo = [json.loads(line) for line in (HERE / "dpo_train.jsonl").read_text().splitlines() if line.strip()]
+        print(json.dumps({"steer_pairs": _write_steer_pairs(dpo)}))
+        return
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
