@@ -89,3 +89,16 @@ def test_parse_positions():
     assert parse_positions("-3,-1") == [-3, -1]
     with pytest.raises(ValueError, match="cannot parse positions"):
         parse_positions("first")
+
+
+def test_train_writes_checkpoints_and_resumes(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w{i} w{i + 1} w{i + 2} w{i + 3}"}) + "\n" for i in range(10, 40)))
+    out = tmp_path / "run"
+    common = ["train", "--model", str(tiny_dir), "--data", str(data), "--adapter", "lora", "--lora-r", "2"]
+    common += ["--batch-size", "2", "--max-length", "16", "--out", str(out), "--save-steps", "1"]
+    assert main([*common, "--steps", "2"]) == 0
+    assert (out / "checkpoint-1").is_dir() and (out / "checkpoint-2").is_dir()
+    assert main([*common, "--steps", "3", "--resume"]) == 0
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and len([e for e in state["log_history"] if "loss" in e]) <= 3
