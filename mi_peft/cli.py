@@ -270,7 +270,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_recipe
     from .report import comparison_table
 
-    results = run_recipe(args.recipe, out_dir=args.out, steps=args.steps, n_test=args.n_test, pairs=args.pairs)
+    results = run_recipe(
+        args.recipe, out_dir=args.out, steps=args.steps, n_test=args.n_test, pairs=args.pairs, dpo_steps=args.dpo_steps
+    )
     print()
     print(comparison_table(results["variants"]))
     return 0
@@ -376,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="Run a whole recipe: locate, validate, steer, train, evaluate, report.")
     run.add_argument("recipe", help="Recipe YAML, e.g. recipes/refusal.yaml.")
     run.add_argument("--out", help="Output folder (default runs/<recipe name>).")
-    run.add_argument("--steps", type=int, help="Override the training steps.")
+    run.add_argument("--steps", type=int, help="Override the training steps (and the DPO steps, unless --dpo-steps).")
+    run.add_argument("--dpo-steps", type=int, help="Override the DPO steps.")
     run.add_argument("--n-test", type=int, help="Held-out prompts per side.")
     run.add_argument("--pairs", type=int, help="Pairs used to locate (and cap on validation prompts).")
     run.set_defaults(func=cmd_run)

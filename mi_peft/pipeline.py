@@ -168,7 +168,10 @@ def steering_sweep(model, recipe: Recipe, dirs, evaluator: Evaluator) -> dict:
         )
         steered.unload()
     best = max(sweep, key=lambda r: (r["target"] - (0 if math.isnan(r["side"]) else r["side"]), -r["alpha"]))
-    return {"layers": layers, "sweep": sweep, "best_alpha": best["alpha"]}
+    # With a condition the side effect is the condition's job, so conditional steering takes the alpha
+    # with the highest target rate on validation.
+    strongest = max(sweep, key=lambda r: (r["target"], -abs(r["alpha"])))
+    return {"layers": layers, "sweep": sweep, "best_alpha": best["alpha"], "conditional_alpha": strongest["alpha"]}
 
 
 def _fresh(recipe: Recipe):
@@ -181,13 +184,16 @@ def run_recipe(
     out_dir: str | Path | None = None,
     steps: int | None = None,
     n_test: int | None = None,
+    dpo_steps: int | None = None,
     pairs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run a recipe end to end and write ``report.md``, ``results.json`` and plots to ``out_dir``."""
     recipe = load_recipe(path)
     if steps is not None:
-        recipe.train = replace(recipe.train, steps=steps, dpo_steps=steps)
+        recipe.train = replace(recipe.train, steps=steps, dpo_steps=steps if dpo_steps is None else dpo_steps)
+    elif dpo_steps is not None:
+        recipe.train = replace(recipe.train, dpo_steps=dpo_steps)
     if pairs is not None:
         recipe.locate = replace(recipe.locate, pairs=pairs)
         recipe.validate = replace(recipe.validate, pairs=min(recipe.validate.pairs, pairs))
@@ -244,16 +250,30 @@ def run_recipe(
     )
     steered.unload()
     if recipe.steer.conditional:
-        n = min(recipe.steer.val_prompts, len(val_pairs))
+        # The condition detects the prompt class (positive vs negative prompts of the locate pairs), which
+        # may differ from the behaviour direction that is added (e.g. answer prefixes); its threshold is
+        # calibrated on the validation pairs, which neither direction saw. Its layer is at most the first
+        # steered layer: the decision is taken during the prompt's forward, so steering in a layer below
+        # the condition layer would miss the prompt tokens.
+        cond_layers = list(range(min(layers) + 1)) if layers else None
+        cond_dirs = directions(model, tokenizer, loc_pairs, method="mean_diff", layers=cond_layers, progress=False)
         condition, report = SteeringConfig.calibrate_condition(
-            model, tokenizer, val_pairs.positive[:n], val_pairs.negative[:n], directions=dirs
+            model, tokenizer, val_pairs.positive, val_pairs.negative, directions=cond_dirs
         )
         steering["condition"] = report.chosen() if callable(getattr(report, "chosen", None)) else report.chosen
         cond_cfg = SteeringConfig.from_directions(
-            dirs, layers=steering["layers"], alpha=steering["best_alpha"], condition=condition
+            dirs, layers=steering["layers"], alpha=steering["conditional_alpha"], condition=condition
         )
         steered = get_peft_model(model, cond_cfg)
-        rows.append(_row("conditional steering", steered, evaluator, out / "adapters" / "steering_conditional", 0.0))
+        rows.append(
+            _row(
+                f"conditional steering (alpha={steering['conditional_alpha']:g})",
+                steered,
+                evaluator,
+                out / "adapters" / "steering_conditional",
+                0.0,
+            )
+        )
         steered.unload()
     timings["steer"] = time.perf_counter() - t
 
@@ -303,6 +323,7 @@ def run_recipe(
         "localization": {
             "method": result.method,
             "top_heads": result.top("heads", 10) if "heads" in result.scores else [],
+            "top_neurons": result.top("neurons", 10) if "neurons" in result.scores else [],
         },
         "validation": validation,
         "steering": steering,

@@ -88,6 +88,12 @@ def _plot_bars(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) 
     return _finish(fig, ax, path, None, "rate on held-out prompts", "target and side metrics per variant")
 
 
+def _top_line(kind: str, letter: str, top: list) -> str:
+    if not top:
+        return ""
+    return f"Top {kind} (layer, index, score): " + ", ".join(f"L{a[0]}{letter}{a[1]} {s:+.3g}" for a, s in top) + ". "
+
+
 def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
     """Write plots and ``report.md`` for a finished run; return the report path."""
     plots = out / "plots"
@@ -116,12 +122,14 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
         "## Localization",
         "",
         f"Method `{recipe['locate']['method']}`, metric `{recipe['locate']['metric']}`, "
-        f"{recipe['locate']['pairs']} pairs. Top heads (layer, head, score): "
-        + ", ".join(f"L{a[0]}H{a[1]} {s:+.3g}" for a, s in results["localization"]["top_heads"]),
+        f"{recipe['locate']['pairs']} pairs. "
+        + _top_line("heads", "H", results["localization"].get("top_heads", []))
+        + _top_line("neurons", "N", results["localization"].get("top_neurons", [])),
         "",
         "## Causal validation",
         "",
-        f"Zero-ablating the top {val['k']} located components moves the metric by {val['top_effect']:+.4f} "
+        f"Metric `{val.get('metric', recipe['locate']['metric'])}`. "
+        f"Zero-ablating the top {val['k']} located components moves it by {val['top_effect']:+.4f} "
         f"(clean {val['clean']:.4f}); ablating {val['k']} random components moves it by {val['random_effect']:+.4f}.",
         "",
         "## Steering",

@@ -20,10 +20,11 @@ SHORT = {
         "test_negative": str(DATA / "harmless_test.json"),
         "sft": str(DATA / "sft_train.jsonl"),
         "dpo": str(DATA / "dpo_train.jsonl"),
+        "steer_pairs": str(DATA / "steer_pairs.json"),
     },
     "locate": {"pairs": 4, "batch_size": 4},
     "validate": {"top_k": 3, "pairs": 2},
-    "steer": {"layers": "8-10", "alphas": [0, 4], "val_prompts": 2},
+    "steer": {"layers": "8-10", "alphas": [0, 4], "val_prompts": 2, "conditional": True},
     "train": {"steps": 1, "batch_size": 2, "max_length": 96, "param_budget": 0.0005},
     "evaluate": {"n_test": 2, "max_new_tokens": 6, "n_neutral": 2},
 }
@@ -34,14 +35,16 @@ def test_run_writes_consistent_report(tmp_path, capsys):
     recipe = tmp_path / "short.yaml"
     recipe.write_text(yaml.safe_dump(SHORT))
     out = tmp_path / "run"
-    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    assert main(["run", str(recipe), "--out", str(out), "--dpo-steps", "2"]) == 0
     for name in ("report.md", "results.json", "plots/heads.png", "plots/steering_sweep.png", "plots/metrics.png"):
         assert (out / name).is_file(), name
     assert (out / "localization" / "scores.safetensors").is_file()
     results = json.loads((out / "results.json").read_text())
+    assert results["recipe"]["train"]["dpo_steps"] == 2 and results["recipe"]["train"]["steps"] == 1
+    assert len(results["losses"]["sparse located DPO"]) == 2
     names = [row["variant"] for row in results["variants"]]
     assert names[0] == "base" and "sparse located" in names and "sparse random" in names and "LoRA r=8" in names
-    assert "sparse located DPO" in names and "conditional steering" in names
+    assert "sparse located DPO" in names and any(n.startswith("conditional steering (alpha=") for n in names)
     for row in results["variants"]:
         for key in ("target", "side", "kl_to_base", "trainable_pct", "train_seconds"):
             assert math.isfinite(row[key]), (row["variant"], key)
