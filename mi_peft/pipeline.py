@@ -98,8 +98,10 @@ class Evaluator:
             neg = read_texts(recipe.test_negative) if recipe.test_negative is not None else []
             self.sets = {"test": (pos[:n], neg[:n]), "val": (pos[n : n + v], neg[n : n + v])}
         self.targets = _target_strings(recipe)
-        neutral_source = recipe.neutral or recipe.test_negative or recipe.test_positive
-        self.neutral = read_texts(neutral_source)[: ev.n_neutral] if ev.behaviour != "ab" else []
+        neutral_source = recipe.neutral or (
+            None if ev.behaviour == "ab" else recipe.test_negative or recipe.test_positive
+        )
+        self.neutral = read_texts(neutral_source)[: ev.n_neutral] if neutral_source is not None else []
 
     def _rate(self, model, prompts: list[str]) -> float:
         ev, tok = self.ev, self.tokenizer
@@ -124,7 +126,10 @@ class Evaluator:
         return self._rate(model, self.sets[split][1])
 
     def kl(self, model) -> float:
-        if not self.neutral or not isinstance(model, PeftModel):
+        """Mean KL to the base model on neutral prompts (0 for the base itself, NaN without neutral prompts)."""
+        if not self.neutral:
+            return float("nan")
+        if not isinstance(model, PeftModel):
             return 0.0
         return kl_to_base(model, self.tokenizer, self.neutral)
 

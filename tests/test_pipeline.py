@@ -94,5 +94,6 @@ def test_every_shipped_recipe_runs(tmp_path, name):
     for row in results["variants"]:
         assert 0.0 <= row["target"] <= 1.0, row
         assert row["side"] is None or 0.0 <= row["side"] <= 1.0, row
+        assert row["kl_to_base"] is not None and row["kl_to_base"] >= 0.0, row
     assert math.isfinite(results["validation"]["top_effect"])
     assert comparison_table(results["variants"]) in (out / "report.md").read_text()
