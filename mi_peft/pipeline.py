@@ -86,10 +86,10 @@ class Evaluator:
     are the validation set that picks the steering alpha, so no choice is made on test items.
     """
 
-    def __init__(self, recipe: Recipe, tokenizer, n_test: int | None = None):
+    def __init__(self, recipe: Recipe, tokenizer):
         ev = recipe.evaluate
         self.recipe, self.tokenizer, self.ev = recipe, tokenizer, ev
-        n, v = n_test or ev.n_test, recipe.steer.val_prompts
+        n, v = ev.n_test, recipe.steer.val_prompts
         if ev.behaviour == "ab":
             rows = read_rows(recipe.test_positive)
             self.sets = {"test": (rows[:n], []), "val": (rows[n : n + v], [])}
@@ -265,7 +265,7 @@ def run_recipe(
         condition, report = SteeringConfig.calibrate_condition(
             model, tokenizer, val_pairs.positive, val_pairs.negative, directions=cond_dirs
         )
-        steering["condition"] = report.chosen() if callable(getattr(report, "chosen", None)) else report.chosen
+        steering["condition"] = report.chosen
         cond_cfg = SteeringConfig.from_directions(
             dirs, layers=steering["layers"], alpha=steering["conditional_alpha"], condition=condition
         )
