@@ -21,6 +21,18 @@ GateUpLayout = Literal["separate", "concat"]
 
 
 @dataclass(frozen=True)
+class BiasSwitch:
+    """A config flag that makes transformers build some projections of every layer with a bias.
+
+    A merge that adds a bias to a bias-free projection must set ``flag`` and give every projection
+    in ``modules`` (paths in a decoder layer) a bias, or the saved model reloads without it.
+    """
+
+    flag: str
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where the interpretable parts of one model family live.
 
@@ -41,6 +53,8 @@ class ArchSpec:
         final_norm (`str`): final norm applied before the unembedding (path from the model).
         unembed (`str | None`): unembedding module path; ``None`` uses ``get_output_embeddings()``.
         conv1d (`bool`): GPT-2 style ``Conv1D`` weights stored ``[in, out]`` instead of ``[out, in]``.
+        attn_out_bias, mlp_out_bias (`BiasSwitch | None`): the config flag that gives the attention / MLP
+            output projection a bias, or ``None`` when the family has none (a merge that needs one refuses).
         n_layers_attr, n_heads_attr, n_kv_heads_attr, d_model_attr, d_mlp_attr: config attribute
             names (first present wins).
     """
@@ -56,6 +70,8 @@ class ArchSpec:
     qkv_layout: QkvLayout = "separate"
     mlp_in_layout: GateUpLayout = "separate"
     conv1d: bool = False
+    attn_out_bias: BiasSwitch | None = None
+    mlp_out_bias: BiasSwitch | None = None
     n_layers_attr: tuple[str, ...] = ("num_hidden_layers", "n_layer")
     n_heads_attr: tuple[str, ...] = ("num_attention_heads", "n_head")
     n_kv_heads_attr: tuple[str, ...] = ("num_key_value_heads",)
@@ -68,6 +84,12 @@ class ArchSpec:
     head_dim: int = field(default=0)
     d_model: int = field(default=0)
     n_neurons: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        for name in ("attn_out_bias", "mlp_out_bias"):  # rebuilt from JSON (a saved LocalizationResult)
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, BiasSwitch(value["flag"], tuple(value["modules"])))
 
     @property
     def d_head(self) -> int:
@@ -121,6 +143,13 @@ class ArchSpec:
     def unembed_module(self, model: nn.Module) -> nn.Module:
         base = _unwrap(model)
         return base.get_output_embeddings() if self.unembed is None else _get(base, self.unembed)
+
+    def bias_switch(self, path: str) -> BiasSwitch | None:
+        """The :class:`BiasSwitch` that gives the projection at ``path`` (in a decoder layer) a bias."""
+        for switch in (self.attn_out_bias, self.mlp_out_bias):
+            if switch is not None and path in switch.modules:
+                return switch
+        return None
 
     # ---- row layouts for q/k/v and gate/up -----------------------------------------------
 
@@ -254,8 +283,15 @@ def spec_for(model_or_config: Any) -> ArchSpec:
     return _REGISTRY[model_type].bind(config)
 
 
-for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"):
+# What transformers' modelling code reads: `attention_bias` gives q/k/v/o a bias, Llama's `mlp_bias`
+# gives gate/up/down one. Mistral, Qwen2 (q/k/v always biased, o never) and Phi-3 have no such flag.
+_ATTENTION_BIAS = BiasSwitch("attention_bias", (*_LLAMA_LIKE["qkv"], _LLAMA_LIKE["attn_out"]))
+_MLP_BIAS = BiasSwitch("mlp_bias", (*_LLAMA_LIKE["mlp_in"], _LLAMA_LIKE["mlp_out"]))
+register(ArchSpec(model_type="llama", **_LLAMA_LIKE, attn_out_bias=_ATTENTION_BIAS, mlp_out_bias=_MLP_BIAS))
+for _name in ("mistral", "qwen2"):
     register(ArchSpec(model_type=_name, **_LLAMA_LIKE))
+for _name in ("qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"):
+    register(ArchSpec(model_type=_name, **_LLAMA_LIKE, attn_out_bias=_ATTENTION_BIAS))
 
 register(
     ArchSpec(
@@ -293,5 +329,6 @@ register(
         qkv_layout="interleaved",
         mlp_in=("mlp.dense_h_to_4h",),
         final_norm="gpt_neox.final_layer_norm",
+        attn_out_bias=BiasSwitch("attention_bias", ("attention.query_key_value", "attention.dense")),
     )
 )

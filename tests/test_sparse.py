@@ -58,8 +58,8 @@ def _assert_only_slices_changed(base, merged, config: SparseConfig) -> None:
     before, after = base.state_dict(), merged.state_dict()
     for key, value in after.items():
         old = before.get(key)
-        if old is None:  # a bias created by merging bias mode into a bias-free projection
-            assert key in masks and torch.any(value != 0), key
+        if old is None:  # a bias created by merging bias mode, or a zero one the config flag also turns on
+            assert torch.any(value != 0) if key in masks else key.endswith(".bias") and not torch.any(value != 0), key
             continue
         changed = value != old
         expected = masks.get(key, torch.zeros_like(changed))
@@ -85,6 +85,10 @@ def test_merge_is_exact_and_touches_only_the_slices(arch, head_mode, neuron_mode
     model = make_tiny(arch)
     peft_model = _wrap(model, head_mode, neuron_mode, init_weights=False)
     ids = _ids()
+    if (arch, head_mode) == ("phi3", "bias"):  # Phi-3 has no config flag for an o_proj bias (test_merge_reload.py)
+        with pytest.raises(ValueError, match="no config flag"):
+            peft_model.merge_and_unload()
+        return
     with torch.no_grad():
         adapted = peft_model(ids).logits
         assert (adapted - model(ids).logits).abs().max() > 1e-4  # the random deltas do something
@@ -106,7 +110,7 @@ def test_merge_is_exact_and_touches_only_the_slices(arch, head_mode, neuron_mode
 
 @pytest.mark.parametrize("head_mode,neuron_mode", MODES)
 def test_merge_is_exact_in_float64(head_mode, neuron_mode):
-    model = make_tiny("phi3").double()
+    model = make_tiny("llama" if head_mode == "bias" else "phi3").double()  # Phi-3 refuses bias-mode merges
     peft_model = _wrap(model, head_mode, neuron_mode, init_weights=False)
     with torch.no_grad():
         adapted = peft_model(_ids()).logits
@@ -353,45 +357,6 @@ def test_trl_sft_trains_only_the_selected_slices(tmp_path):
     assert trainer.state.global_step == 3
     merged = trainer.model.merge_and_unload()
     _assert_only_slices_changed(model, merged, config)
-
-
-def test_bnb_4bit_base_trains_and_refuses_merge(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    make_tiny("llama").save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            tmp_path / "base", quantization_config=quantization, device_map="cpu"
-        )
-        model(_ids())
-    except (RuntimeError, ImportError, NotImplementedError) as err:  # pragma: no cover - depends on the bnb build
-        pytest.skip(f"bitsandbytes 4-bit cannot run on this machine: {err}")
-    assert isinstance(model.model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)
-    ids = _ids()
-    with torch.no_grad():
-        base_logits = model(ids).logits
-    config = SparseConfig(heads=HEADS, neurons=NEURONS, head_mode="qkvo", neuron_mode="in_out")
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        assert torch.equal(peft_model(ids).logits, base_logits)
-    expected = ComponentSet(heads=HEADS, neurons=NEURONS).num_parameters("qkvo", "in_out", spec=spec_for(model))
-    assert peft_model.get_nb_trainable_parameters()[0] == expected
-    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
-    peft_model(ids, labels=ids).loss.backward()
-    grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
-    assert all(g is not None and g.abs().sum() > 0 for g in grads)
-    optimizer.step()
-    with torch.no_grad():
-        assert (peft_model(ids).logits - base_logits).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="quantized"):
-        peft_model.merge_and_unload()
-    # scale and bias modes change only the input of the frozen 4-bit projection
-    peft_model.add_adapter("scale", SparseConfig(heads=HEADS, head_mode="bias", neuron_mode="scale", neurons=NEURONS))
-    peft_model.set_adapter("scale")
-    with torch.no_grad():
-        assert torch.equal(peft_model(ids).logits, base_logits)
 
 
 @pytest.mark.slow

@@ -164,9 +164,16 @@ class SparseLayer(BaseTunerLayer):
             bias = base_cols @ self.sparse_bias[adapter].to(base_cols.dtype)
         return col, row, bias
 
-    def _add_increments(self, adapter: str, weight: Tensor, bias: Tensor | None, sign: float) -> None:
+    def _add_increments(
+        self,
+        adapter: str,
+        weight: Tensor,
+        bias: Tensor | None,
+        sign: float,
+        increments: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
+    ) -> None:
         cols, rows = self._index(adapter, weight.device)
-        col, row, bias_inc = self._increments(adapter)
+        col, row, bias_inc = self._increments(adapter) if increments is None else increments
         if col is not None:
             col = col.detach().to(weight.dtype)
             if self.is_conv1d:
@@ -203,35 +210,38 @@ class SparseLayer(BaseTunerLayer):
                 )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or given) adapters' slice deltas into the base weights, exactly."""
+        """Add the active (or given) adapters' slice deltas into the base weights, exactly.
+
+        All or nothing: the new weight and bias are computed on copies and swapped in only when every
+        adapter succeeded (and, with ``safe_merge``, the result is finite).
+        """
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.sparse_slices]
         for i, adapter in enumerate(adapter_names):  # check all first: merge all or nothing in this layer
             self._check_mergeable(adapter, self.merged_adapters + adapter_names[:i])
+        if not adapter_names:
+            return
         base = self.get_base_layer()
-        for adapter in adapter_names:
+        weight = base.weight.data.clone()
+        bias = None if base.bias is None else base.bias.data.clone()
+        create_bias = bias is None and any(a in self.sparse_bias for a in adapter_names)
+        if create_bias:
+            bias = torch.zeros(self.out_features, dtype=weight.dtype, device=weight.device)
+        caches = {}
+        for adapter in adapter_names:  # scale/bias increments read base columns no other adapter here changes
+            increments = self._increments(adapter)
             if adapter in self.sparse_scale or adapter in self.sparse_bias:
-                col, _, bias_inc = self._increments(adapter)
-                self.sparse_merge_cache[adapter] = (col, bias_inc)
-            if adapter in self.sparse_bias and base.bias is None:
-                base.bias = nn.Parameter(
-                    torch.zeros(self.out_features, dtype=base.weight.dtype, device=base.weight.device),
-                    requires_grad=False,
-                )
-                self._sparse_created_bias = True
-            weight = base.weight.data.clone() if safe_merge else base.weight.data
-            bias = None if base.bias is None else (base.bias.data.clone() if safe_merge else base.bias.data)
-            self._add_increments(adapter, weight, bias, sign=1.0)
-            if safe_merge:
-                finite = torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
-                if not finite:
-                    self.sparse_merge_cache.pop(adapter, None)
-                    if self._sparse_created_bias and not self.merged_adapters:
-                        base.bias, self._sparse_created_bias = None, False
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                base.weight.data = weight
-                if bias is not None:
-                    base.bias.data = bias
-            self.merged_adapters.append(adapter)
+                caches[adapter] = (increments[0], increments[2])
+            self._add_increments(adapter, weight, bias, 1.0, increments)
+        if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            raise ValueError(f"NaNs detected in the merged weights. The adapters {adapter_names} seem to be broken")
+        base.weight.data = weight
+        if create_bias:
+            base.bias = nn.Parameter(bias, requires_grad=False)
+            self._sparse_created_bias = True
+        elif bias is not None:
+            base.bias.data = bias
+        self.sparse_merge_cache.update(caches)
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
         """Subtract the merged slice deltas again (the same values that merge added)."""

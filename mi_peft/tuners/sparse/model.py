@@ -11,6 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ...arch import spec_for
 from ...fingerprint import check_fingerprint, model_fingerprint
+from .._bnb_cpu import keep_4bit_layout_trainable
+from .._merge import bias_refusal, merge_transaction, plan_biases, switch_off_biases, switch_on_biases
 from .config import ARCH_KEYS, ModuleSlices, SparseConfig, arch_record
 from .layer import SparseLayer, SparseLinear
 
@@ -23,9 +25,12 @@ class SparseModel(BaseTuner):
     its column of the MLP output projection (and in ``in_out`` mode its gate/up rows).
 
     ``merge_and_unload()`` adds each slice delta into its base weight (scale mode: ``s * W[:, cols]``,
-    bias mode: ``W[:, cols] @ b`` into the projection bias, created if the projection has none) and
-    ``unmerge()`` subtracts the same values again, so nothing dense is stored. Merging into a quantized
-    (bitsandbytes) base is refused: re-quantizing is lossy; merge on an unquantized copy instead.
+    bias mode: ``W[:, cols] @ b`` into the projection bias) and ``unmerge()`` subtracts the same values
+    again, so nothing dense is stored. A bias-free projection gets its bias through the architecture's
+    config flag (:class:`~mi_peft.arch.BiasSwitch`), so the saved model reloads with it; a family without
+    one refuses bias mode merges. Merges are all or nothing: an error leaves every weight as it was.
+    Merging into a quantized (bitsandbytes) base is refused: re-quantizing is lossy; merge on an
+    unquantized copy instead.
 
     Example:
         >>> from peft import get_peft_model
@@ -48,6 +53,7 @@ class SparseModel(BaseTuner):
     ) -> None:
         """Check the config against the model (architecture, ranges, fingerprint), then inject."""
         config: SparseConfig = self.peft_config[adapter_name]
+        keep_4bit_layout_trainable(model)  # gradients flow through frozen 4-bit layers above the adapter
         self.__dict__.setdefault("_sparse_plans", {})[adapter_name] = self._prepare_sparse_config(model, config)
         super().inject_adapter(
             model,
@@ -128,3 +134,50 @@ class SparseModel(BaseTuner):
                     f"({module.quantization_backend.backend_name}): re-quantizing would lose exactness. Load the base "
                     "model unquantized, `PeftModel.from_pretrained(base, adapter_dir)`, then `merge_and_unload()`."
                 )
+
+    # ---- merging: all or nothing, biases declared in the config -----------------------------------
+
+    def _bias_needs(self, adapter_names: list[str] | None) -> list[tuple[int, str]]:
+        """(layer, projection path) of every bias mode slice about to be merged."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        return [
+            (layer.sparse_slices[a].layer, layer.sparse_slices[a].path)
+            for layer in self.model.modules()
+            if isinstance(layer, SparseLayer)
+            for a in names
+            if a in layer.sparse_bias and a not in layer.merged_adapters
+        ]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge into the base weights; on any error (NaN with ``safe_merge``, a refused layer) nothing changes."""
+        self._check_merge_allowed()
+        spec = spec_for(self.model)
+        plan = plan_biases(self.model, spec, self._bias_needs(adapter_names))
+        refusal = bias_refusal(spec, plan)
+        if refusal:
+            raise ValueError(f"cannot merge this sparse adapter (bias mode): {refusal}")
+        with merge_transaction(self.model):
+            switched = switch_on_biases(self.model, spec, plan.switches)
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        self.__dict__.setdefault("_sparse_switched_biases", []).append(switched)
+
+    def unmerge_adapter(self) -> None:
+        """Unmerge every layer, then drop the zero biases and config flags the merge added."""
+        super().unmerge_adapter()
+        for switched in reversed(self.__dict__.pop("_sparse_switched_biases", [])):
+            switch_off_biases(switched)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        """Merge every layer first (all or nothing), then unwrap them."""
+        if merge:
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            self.__dict__.pop("_sparse_switched_biases", None)  # merged for good: the biases stay
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )

@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...arch import ArchSpec, _get
+from .._merge import add_to_bias
 from .condition import condition_scores, decide
 
 if TYPE_CHECKING:
@@ -52,12 +53,17 @@ class LayerPlan:
     condition: dict[str, Any] | None = None
     is_condition_layer: bool = False
 
-    def merge_error(self, model_type: str) -> str | None:
-        """Why this plan cannot be merged into weights (``None`` when it can)."""
-        if self.op == "add":
+    def merge_error(self, model_type: str, mlp_out_bias: bool = False) -> str | None:
+        """Why this plan cannot be merged into weights (``None`` when it can).
+
+        ``add`` merges into the bias of the layer's MLP output projection, which writes straight into
+        the residual stream, so it needs that bias (``mlp_out_bias``) and no norm after the MLP.
+        """
+        if self.op == "add" and (not mlp_out_bias or model_type in POST_NORM_WRITERS):
             return (
-                "`op='add'` adds a constant vector to the residual stream, which a bias-free model cannot hold in "
-                "its weights. Keep the adapter unmerged, or export it for llama.cpp with "
+                "`op='add'` adds a constant vector to the residual stream, which this model can only hold in the "
+                "bias of an MLP output projection that writes straight into the residual stream, and it has none. "
+                "Keep the adapter unmerged, or export it for llama.cpp with "
                 "`mi_peft.export.to_gguf_control_vector(adapter_dir, 'steer.gguf')`."
             )
         if self.op == "clamp":
@@ -100,7 +106,6 @@ class SteeringTunerLayer(BaseTunerLayer):
         self.steer_head_scale = BufferDict({}, persistent=False)
         self.steer_neuron_scale = BufferDict({}, persistent=False)
         self.steer_backup: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]] = {}
-        self.steer_keep_backup = True
         self.steer_checked: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -140,19 +145,32 @@ class SteeringTunerLayer(BaseTunerLayer):
     def steer_device(self) -> torch.device:
         return next(self.base_layer.parameters()).device
 
+    def merge_error(self, plan: LayerPlan) -> str | None:
+        """Why ``plan`` cannot merge into this module's weights (``None`` when it can)."""
+        return plan.merge_error(self.steer_spec.model_type)
+
     def _merge_modules(self, adapter: str, edits: list[tuple[nn.Module, Any]], safe_merge: bool) -> None:
-        """Apply ``fn(weight, bias) -> (weight, bias)`` to each module, keeping the originals to unmerge exactly."""
-        backup = []
+        """Apply ``fn(weight, bias) -> (weight, bias)`` to each module, keeping the originals to unmerge exactly.
+
+        Every new tensor is computed first (edits of one module chain); the modules change only when all
+        of them succeeded, so an error (NaN with ``safe_merge``, a quantized weight) changes nothing.
+        """
+        pending: dict[int, list[Any]] = {}  # id(module) -> [module, new weight, new bias]
         for module, fn in edits:
             weight, bias = module.weight, getattr(module, "bias", None)
             if not weight.dtype.is_floating_point:
                 raise ValueError(f"cannot merge into quantized weights of {type(module).__name__}; keep it unmerged.")
-            new_w, new_b = fn(weight.data, None if bias is None else bias.data)  # new tensors; originals intact
-            if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+            slot = pending.setdefault(id(module), [module, weight.data, None if bias is None else bias.data])
+            slot[1], slot[2] = fn(slot[1], slot[2])  # new tensors; originals intact
+            if safe_merge and not (
+                torch.isfinite(slot[1]).all() and (slot[2] is None or torch.isfinite(slot[2]).all())
+            ):
                 raise ValueError(f"NaNs detected while merging steering adapter {adapter!r}; it seems to be broken.")
-            if self.steer_keep_backup:
-                backup.append((module, weight.data, None if bias is None else bias.data))
-            weight.data = new_w
+        backup = []
+        for module, new_w, new_b in pending.values():
+            bias = getattr(module, "bias", None)
+            backup.append((module, module.weight.data, None if bias is None else bias.data))
+            module.weight.data = new_w
             if bias is not None:
                 bias.data = new_b
         self.steer_backup[adapter] = backup
@@ -312,16 +330,23 @@ class SteeringLayer(nn.Module, SteeringTunerLayer):
             hidden = _masked(new, hidden, state.steer_mask(p, hidden.shape[0], hidden.shape[1], hidden.device))
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
+    def merge_error(self, plan: LayerPlan) -> str | None:
+        has_bias = getattr(self._module("mlp", writer=False), "bias", None) is not None
+        return plan.merge_error(self.steer_spec.model_type, mlp_out_bias=has_bias)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         spec = self.steer_spec
         for adapter in check_adapters_to_merge(self, adapter_names):
             plan = self.steer_plan.get(adapter)
             if plan is None:
                 continue
-            error = plan.merge_error(spec.model_type)
+            error = self.merge_error(plan)
             if error:
                 raise ValueError(error)
             edits = []
+            if plan.op == "add":  # after the MLP output, the layer output is h + mlp: its bias shifts both
+                vector = plan.alpha * self.steer_direction[adapter].float()
+                edits.append((self._module("mlp", False), add_to_bias(vector)))
             for kind, flag in (("attn", "head_scale"), ("mlp", "neuron_scale")):
                 if getattr(plan, flag):
                     edits.append(
@@ -364,7 +389,7 @@ class SteeringEmbedding(nn.Module, SteeringTunerLayer):
             plan = self.steer_plan.get(adapter)
             if plan is None:
                 continue
-            error = plan.merge_error(self.steer_spec.model_type)
+            error = self.merge_error(plan)
             if error:
                 raise ValueError(error)
             fn = _project_weight(self.steer_direction[adapter], conv1d=False, rows_are_outputs=False)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...arch import ArchSpec, _get, spec_for
 from ...fingerprint import check_fingerprint, model_fingerprint
+from .._merge import merge_transaction
 from .config import SteeringConfig
 from .layer import LayerPlan, SteeringEmbedding, SteeringLayer, SteeringTunerLayer
 
@@ -225,29 +226,33 @@ class SteeringModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         """Tied embeddings are untied before an ablation merges into them, so PEFT's warning does not apply."""
 
-    def _plans(self, adapter_names: list[str] | None) -> list[LayerPlan]:
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        return [
-            module.steer_plan[name]
-            for module in self.model.modules()
-            if isinstance(module, SteeringTunerLayer)
-            for name in names
-            if name in module.steer_plan
-        ]
-
     def _prepare_merge(self, adapter_names: list[str] | None) -> None:
         """Refuse before touching any weight if some part cannot merge; untie embeddings an ablation edits."""
-        plans = self._plans(adapter_names)
-        for plan in plans:
-            error = plan.merge_error(spec_for(self.model).model_type)
-            if error:
-                raise ValueError(f"cannot merge steering adapter {plan.adapter!r}: {error}")
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        plans = []
+        for module in self.model.modules():
+            if not isinstance(module, SteeringTunerLayer):
+                continue
+            for plan in (module.steer_plan[n] for n in names if n in module.steer_plan):
+                error = module.merge_error(plan)
+                if error:
+                    raise ValueError(f"cannot merge steering adapter {plan.adapter!r}: {error}")
+                plans.append(plan)
+        adding = {p.adapter for p in plans if p.op == "add"}
+        ablating = {p.adapter for p in plans if p.ablate}
+        if adding and ablating:  # at run time ablation acts inside the layers and `add` after them
+            raise ValueError(
+                f"cannot merge additive steering {sorted(adding)} together with ablation {sorted(ablating)}: merged "
+                "weights would ablate the added vector too. Merge the ablation alone and keep the addition unmerged."
+            )
         if any(plan.layer == -1 for plan in plans):
             _untie_output_embeddings(self.model)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._prepare_merge(adapter_names)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        """Merge into the weights; on any error (a refused part, NaN with ``safe_merge``) nothing changes."""
+        with merge_transaction(self.model):
+            self._prepare_merge(adapter_names)
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(
         self,
@@ -256,13 +261,11 @@ class SteeringModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
+        """Merge every layer first (all or nothing), then unwrap them and remove the position hook."""
         if merge:
-            self._prepare_merge(adapter_names)
-            for module in self.model.modules():
-                if isinstance(module, SteeringTunerLayer):
-                    module.steer_keep_backup = False  # the wrappers are discarded: no unmerge copies needed
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
         model = super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._remove_state_hook()
         return model
