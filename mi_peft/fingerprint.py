@@ -70,7 +70,19 @@ def fingerprints_match(expected: str, actual: str) -> bool:
     return True
 
 
-_VOLATILE = {"transformers_version", "torch_dtype", "dtype", "use_cache", "architectures", "quantization_config"}
+# Config keys that do not change what the network computes. Trainers rewrite the special-token ids to
+# match the tokenizer (TRL's SFTTrainer sets pad/eos), which must not turn the model into "another model".
+_VOLATILE = {
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "architectures",
+    "quantization_config",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+}
 _ADAPTER_TAGS = ("lora_", "sparse_", "steer_")
 
 

@@ -128,6 +128,7 @@ def _run(
         callbacks=list(callbacks or []),
         **trainer_kwargs,
     )
+    copy_reference_adapter(trainer.model)
     if trainer.train_dataset is not None and len(trainer.train_dataset) == 0:
         raise ValueError(
             f"no training row is left after {trainer_cls.__name__}'s preprocessing: with max_length="
@@ -145,6 +146,29 @@ def _run(
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainable, total = model.get_nb_trainable_parameters()
     return TrainResult(model, output_dir, seconds, trainable, total, list(trainer.state.log_history))
+
+
+def copy_reference_adapter(model: Any) -> int:
+    """Make TRL's frozen ``"ref"`` adapter an exact copy of ``"default"``; returns the tensors copied.
+
+    Given a model that already carries a trained adapter (SFT -> DPO), ``DPOTrainer`` adds an adapter
+    named ``"ref"`` and copies the parameters whose names contain ``".default."``. Sparse adapter
+    parameters are named ``...sparse_delta.default`` (a ``ParameterDict`` entry), which that pattern
+    misses, so the reference would silently be the base model instead of the SFT adapter.
+    """
+    if not isinstance(model, PeftModel) or "ref" not in model.peft_config:
+        return 0
+    params = dict(model.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, param in params.items():
+            ref_name = name[: -len(".default")] + ".ref" if name.endswith(".default") else name
+            ref = params.get(ref_name.replace(".default.", ".ref."))
+            if ref is not None and ref is not param:
+                ref.copy_(param)
+                ref.requires_grad_(False)
+                copied += 1
+    return copied
 
 
 def sft(

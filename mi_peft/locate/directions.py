@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import __version__, capture
 from .._io import write_folder_atomically
 from ..arch import spec_for
-from ..fingerprint import check_fingerprint, model_fingerprint
+from ..fingerprint import check_fingerprint, fingerprints_match, model_fingerprint
 
 Method = Literal["mean_diff", "pca", "probe"]
 METHODS: tuple[str, ...] = ("mean_diff", "pca", "probe")
@@ -141,8 +141,8 @@ class Directions:
                 f"cannot {op} Directions with layers {self.layers} (d_model {self.d_model}, {self.model_type}) and "
                 f"layers {other.layers} (d_model {other.d_model}, {other.model_type}); they must match."
             )
-        fps = {fp for fp in (self.model_fingerprint, other.model_fingerprint) if fp is not None}
-        if len(fps) > 1:
+        fps = [fp for fp in (self.model_fingerprint, other.model_fingerprint) if fp is not None]
+        if len(fps) == 2 and not fingerprints_match(*fps):  # one model in two dtypes still matches
             raise ValueError(f"cannot {op} Directions from different base models (fingerprints {sorted(fps)}).")
         sign = 1.0 if op == "+" else -1.0
         raw = {layer: self.raw(layer) + sign * other.raw(layer) for layer in self.layers}
