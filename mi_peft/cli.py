@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     run = sub.add_parser("run", help="Run a whole recipe: locate, validate, steer, train, evaluate, report.")
-    run.add_argument("recipe", help="Recipe YAML, e.g. recipes/refusal.yaml.")
+    run.add_argument("recipe", help="A shipped recipe name (e.g. refusal) or a recipe YAML path.")
     run.add_argument("--out", help="Output folder (default runs/<recipe name>).")
     run.add_argument("--steps", type=int, help="Override the training steps (and the DPO steps, unless --dpo-steps).")
     run.add_argument("--dpo-steps", type=int, help="Override the DPO steps.")

@@ -7,6 +7,7 @@ loaded, so a typo fails in a second instead of after an hour of training.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,12 @@ class TrainSection:
     neuron_mode: str = "out"
     lora_r: int = 8
     dpo_steps: int | None = None
+    dpo_lr: float | None = None  # None: the sparse `lr`
+    dpo_beta: float = 0.1
+    dpo_from_sft: bool = False  # also run SFT -> DPO on the same located slices
+    matched_lora: bool = True  # a LoRA with the sparse adapter's trainable count (within 10%)
+    seeds: int = 1  # training order and random-component draw change per seed; the located selection does not
+    param_budgets: tuple[float, ...] | None = None  # budget sweep: located, random, matched LoRA at each
 
 
 @dataclass
@@ -85,6 +92,12 @@ class EvaluateSection:
     n_neutral: int = 20
     target: str | tuple[str, ...] | None = None
     language: str | None = None
+    general: bool = True  # PIQA, BLiMP and held-out text perplexity for every variant
+    piqa_n: int = 100
+    blimp_n: int = 5  # pairs per BLiMP phenomenon (67 phenomena)
+    ppl_texts: int = 24  # WikiText-2 test paragraphs
+    health_prompts: int = 32  # generic held-out instructions for degenerate/duplicate/distinct-2
+    health_tokens: int = 48
 
 
 @dataclass
@@ -159,11 +172,42 @@ def _data_path(base: Path, data: dict[str, Any], key: str, source: Path, require
     return path
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe YAML file (every referenced file must exist)."""
+def shipped_recipes_dir() -> Path:
+    """Folder of the recipes that ship with mi-peft: ``mi_peft/recipes`` when installed from a wheel,
+    the repository's ``recipes/`` in a checkout or an editable install (the same files)."""
+    from importlib.resources import files
+
+    packaged = files("mi_peft") / "recipes"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipe_names() -> list[str]:
+    """Names accepted by ``load_recipe(name)`` and ``mi-peft run name``."""
+    folder = shipped_recipes_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """An existing file as given, else a bare name such as ``"refusal"`` looked up among the shipped recipes."""
     source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"recipe {source} does not exist.")
+    if source.is_file():
+        return source
+    names, name = shipped_recipe_names(), str(path)
+    if source.name == name and not source.suffix:
+        if name in names:
+            return shipped_recipes_dir() / f"{name}.yaml"
+        raise FileNotFoundError(f"no shipped recipe is named {name!r}; use one of {names} or a path to a YAML file.")
+    raise FileNotFoundError(f"recipe {source} does not exist; give a YAML path or a shipped recipe name {names}.")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe: a YAML path or a shipped name such as ``"refusal"``.
+
+    Data paths are relative to the recipe file, and every referenced file must exist.
+    """
+    source = resolve_recipe_path(path)
     raw = yaml.safe_load(source.read_text())
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: a recipe is a YAML mapping with at least `name` and `data`.")
@@ -236,14 +280,20 @@ def _check(recipe: Recipe, source: Path) -> None:
         raise ValueError(f"{source}: `steer.method` must be mean_diff, pca or probe, got {recipe.steer.method!r}.")
     if recipe.sft is None and recipe.dpo is None:
         raise ValueError(f"{source}: give `data.sft` and/or `data.dpo` training data.")
-    if not tr.param_budget > 0:
-        raise ValueError(
-            f"{source}: `train.param_budget` must be > 0 (a fraction < 1 or a count), got {tr.param_budget}."
-        )
+    check_budgets([tr.param_budget], source, "train.param_budget")
+    if tr.param_budgets is not None:
+        check_budgets(tr.param_budgets, source, "train.param_budgets")
+    if not isinstance(tr.seeds, int) or isinstance(tr.seeds, bool) or tr.seeds < 1:
+        raise ValueError(f"{source}: `train.seeds` must be a positive integer (runs per variant), got {tr.seeds!r}.")
     for name, value in (
         ("train.steps", tr.steps),
         ("locate.pairs", recipe.locate.pairs),
         ("evaluate.n_test", ev.n_test),
+        ("evaluate.piqa_n", ev.piqa_n),
+        ("evaluate.blimp_n", ev.blimp_n),
+        ("evaluate.ppl_texts", ev.ppl_texts),
+        ("evaluate.health_prompts", ev.health_prompts),
+        ("evaluate.health_tokens", ev.health_tokens),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{source}: `{name}` must be a positive integer, got {value!r}.")
@@ -252,6 +302,21 @@ def _check(recipe: Recipe, source: Path) -> None:
             raise ValueError(f"{source}: `locate.components` has unknown kind {kind!r}; use heads, neurons, residual.")
     _check_columns(recipe, source)
     check_sizes(recipe)
+
+
+def check_budgets(budgets: Any, source: Path | str, name: str) -> None:
+    """Each budget is a fraction of the model's parameters (0 < b < 1) or a count (an integer >= 1)."""
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, (list, tuple)) or not budgets:
+        raise ValueError(f"{source}: `{name}` must be a non-empty list of budgets, e.g. [0.0003, 0.0013].")
+    for budget in budgets:
+        ok = isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(budget)
+        if not ok or budget <= 0 or (budget >= 1 and float(budget) != int(budget)):
+            raise ValueError(
+                f"{source}: `{name}` has {budget!r}; a budget is a fraction of the parameters (0 < b < 1, e.g. "
+                "0.0013 = 0.13%) or a whole parameter count (>= 1)."
+            )
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"{source}: `{name}` lists a budget twice: {list(budgets)}.")
 
 
 def check_sizes(recipe: Recipe) -> None:
