@@ -49,7 +49,8 @@ class ContrastivePairs:
         prompts: completion mode only: the prompt shared by ``positive[i]`` and ``negative[i]``.
         system: optional system message used when formatting with a chat template.
 
-    An empty set is allowed (``split(test=0)`` returns one); :meth:`format` and :meth:`batches` refuse it.
+    The constructor refuses empty lists; only :meth:`split` returns an empty part (``test=0``), which
+    :meth:`format` and :meth:`batches` refuse.
 
     Example:
         >>> pairs = ContrastivePairs.load("recipes/data/refusal")
@@ -67,6 +68,8 @@ class ContrastivePairs:
         self.positive, self.negative = _as_texts(self.positive, "positive"), _as_texts(self.negative, "negative")
         self.prompts = None if self.prompts is None else _as_texts(self.prompts, "prompts")
         n_pos, n_neg = len(self.positive), len(self.negative)
+        if n_pos == n_neg == 0:
+            raise ValueError("no contrastive pairs: `positive` and `negative` are empty; pass at least one text each.")
         if n_pos != n_neg or (self.prompts is not None and len(self.prompts) != n_pos):
             extra = "" if self.prompts is None else f" and `prompts` has {len(self.prompts)}"
             raise ValueError(
@@ -123,12 +126,13 @@ class ContrastivePairs:
         return len(self.positive)
 
     def _take(self, idx: Sequence[int]) -> ContrastivePairs:
-        return ContrastivePairs(
-            [self.positive[i] for i in idx],
-            [self.negative[i] for i in idx],
-            prompts=None if self.prompts is None else [self.prompts[i] for i in idx],
-            system=self.system,
-        )
+        """The pairs at ``idx``; may be empty (a ``split`` part of size 0), so it skips the constructor's check."""
+        part = object.__new__(ContrastivePairs)
+        part.positive = [self.positive[i] for i in idx]
+        part.negative = [self.negative[i] for i in idx]
+        part.prompts = None if self.prompts is None else [self.prompts[i] for i in idx]
+        part.system = self.system
+        return part
 
     def split(
         self, val: float = 0.2, test: float = 0.2, seed: int = 0

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from conftest import TINY_CONFIGS, make_tiny
@@ -26,7 +28,9 @@ def test_spec_matches_modules(model_type):
         mod = spec.layer_module(model, 0, path)
         n_out = mod.weight.shape[1] if spec.conv1d else mod.weight.shape[0]
         assert int(rows.max()) < n_out
-    assert spec.final_norm_module(model) is not None
+    norm = spec.final_norm_module(model)
+    assert isinstance(norm, torch.nn.Module) and norm.weight.shape == (spec.d_model,)
+    assert any(norm is module for module in model.modules())
     assert spec.unembed_module(model).weight.shape[0] == model.config.vocab_size
 
 
@@ -48,12 +52,43 @@ def test_unsupported_architecture_lists_types_and_register_hint():
     assert "llama" in str(err.value) and "arch.register" in str(err.value)
 
 
-def test_register_custom_spec():
+def test_missing_module_path_raises_instead_of_returning_none():
+    model = make_tiny("llama")
+    broken = dataclasses.replace(spec_for(model), final_norm="model.no_such_norm")
+    with pytest.raises(ValueError, match=r"module path 'model.no_such_norm' not found.*failed at 'no_such_norm'"):
+        broken.final_norm_module(model)
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """A private copy of the registry, so registrations made by a test never outlive it."""
+    monkeypatch.setattr(arch, "_REGISTRY", dict(arch._REGISTRY))
+    return arch._REGISTRY
+
+
+def _register_custom_spec_and_check():
     spec = ArchSpec(model_type="test_custom_llama", **arch.llama_like_paths())
+    assert "test_custom_llama" not in arch.supported_model_types()
     arch.register(spec)
     with pytest.raises(ValueError, match="already registered"):
         arch.register(spec)
     assert "test_custom_llama" in arch.supported_model_types()
+    model = make_tiny("llama")
+    model.config.model_type = "test_custom_llama"
+    assert spec_for(model).n_heads == 4
+
+
+def test_register_custom_spec(isolated_registry):
+    _register_custom_spec_and_check()
+
+
+def test_register_custom_spec_leaves_no_trace_between_runs(monkeypatch):
+    before = arch.supported_model_types()
+    for _ in range(2):
+        with monkeypatch.context() as patch:
+            patch.setattr(arch, "_REGISTRY", dict(arch._REGISTRY))
+            _register_custom_spec_and_check()
+    assert arch.supported_model_types() == before
 
 
 @pytest.mark.parametrize(

@@ -11,22 +11,43 @@ def logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("positions", ["last", "all", "mean", [0, 2]])
-def test_record_leaves_logits_bit_identical(tiny_model, tiny_batch, positions):
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("positions", "pos_axis"),
+    [("last", ()), ("mean", ()), ("all", (7,)), ([0, 2], (2,)), ([-1], (1,))],
+)
+def test_record_leaves_logits_bit_identical(tiny_model, tiny_batch, positions, pos_axis):
     ids, mask = tiny_batch
+    spec = spec_for(tiny_model)
     base = logits(tiny_model, ids, mask)
+    hooks_before = _hook_count(tiny_model)
     with capture.record(
         tiny_model, heads=True, neurons=True, residual=True, positions=positions, attention_mask=mask
     ) as cache:
+        assert _hook_count(tiny_model) == hooks_before + 3 * spec.n_layers
         out = logits(tiny_model, ids, mask)
     assert torch.equal(base, out)
-    spec = spec_for(tiny_model)
-    heads = cache.stack("heads")
-    lead = (3, 2) if positions in ("last", "mean") else (3, 7 if positions == "all" else 2)
-    assert heads.shape[:2] == (lead[0], spec.n_layers) if positions in ("last", "mean") else heads.shape[0] == 3
-    assert cache.neurons[1].shape[-1] == spec.n_neurons
-    assert cache.residual[0].shape[-1] == spec.d_model
-    assert logits(tiny_model, ids, mask).shape == base.shape  # hooks removed
+    assert _hook_count(tiny_model) == hooks_before
+    assert cache.stack("heads").shape == (3, spec.n_layers, *pos_axis, spec.n_heads, spec.head_dim)
+    assert cache.stack("neurons").shape == (3, spec.n_layers, *pos_axis, spec.n_neurons)
+    assert cache.stack("residual").shape == (3, spec.n_layers, *pos_axis, spec.d_model)
+    for kind in ("heads", "neurons", "residual"):
+        assert sorted(cache[kind]) == list(range(spec.n_layers))
+
+
+def test_intervention_hooks_are_removed_after_the_context(tiny_batch):
+    model = make_tiny("llama")
+    ids, mask = tiny_batch
+    base = logits(model, ids, mask)
+    with capture.edit(model, residual={0: lambda x: x + 1.0}), capture.ablate(model, neurons={1: [0, 1, 2]}):
+        assert _hook_count(model) == 2
+        edited = logits(model, ids, mask)
+    assert not torch.equal(edited, base)
+    assert _hook_count(model) == 0
+    assert torch.equal(logits(model, ids, mask), base)
 
 
 def test_last_position_respects_padding(tiny_batch):

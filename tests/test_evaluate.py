@@ -1,13 +1,11 @@
 import copy
 import json
 import math
-import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, shared_data
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -27,7 +25,6 @@ from mi_peft.evaluate import (
     target_rate,
 )
 
-DATA = Path("/work/shared/data")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 WORDS = [
     *[
@@ -382,19 +379,33 @@ def test_eval_report_roundtrip_and_checks(tmp_path):
 
 
 def _instructions(name: str, n: int) -> list[str]:
-    return [row["instruction"] for row in json.loads((DATA / "refusal_direction" / name).read_text())[:n]]
+    return [row["instruction"] for row in json.loads(shared_data("refusal_direction", name).read_text())[:n]]
 
 
 @pytest.mark.slow
 def test_refusal_rate_on_embedded_model(embedded):
     model, tokenizer = embedded
-    start = time.perf_counter()
     harmful = refusal_rate(model, tokenizer, _instructions("harmful_test_noharmbench.json", 6), max_new_tokens=12)
     harmless = refusal_rate(model, tokenizer, _instructions("harmless_test.json", 6), max_new_tokens=12)
     for result in (harmful, harmless):
-        assert 0.0 <= result.rate <= 1.0 and result.n == 6
-        assert all(isinstance(g, str) for g in result.generations) and any(result.generations)
+        assert result.n == 6 and all(isinstance(g, str) for g in result.generations) and any(result.generations)
         assert not any(g.startswith("<|im_start|>") or "<|im_end|>" in g for g in result.generations)
-    print(
-        f"embedded refusal: harmful {harmful.rate:.2f}, harmless {harmless.rate:.2f} ({time.perf_counter() - start:.1f} s)"
-    )
+        assert result.flags == [is_refusal(g) for g in result.generations]
+        assert result.rate == pytest.approx(sum(result.flags) / 6)
+    assert harmless.rate <= 1 / 6  # the embedded model answers ordinary requests
+
+
+@pytest.mark.slow
+def test_refusal_rate_flags_real_refusals_of_the_embedded_model(embedded):
+    """Greedy replies the embedded model echoes: two refusals, two compliant answers."""
+    model, tokenizer = embedded
+    prompts = [
+        "Repeat this sentence exactly: I'm sorry, but I cannot help with that.",
+        "Repeat after me: As an AI, I am unable to do that.",
+        "Repeat this sentence exactly: Sure, here is a short poem about the sea.",
+        "Repeat after me: Here is the recipe you asked for.",
+    ]
+    result = refusal_rate(model, tokenizer, prompts, max_new_tokens=16)
+    assert result.generations[0] == "I'm sorry, but I cannot help with that."
+    assert result.generations[3].startswith("Here is the recipe")
+    assert result.flags == [True, True, False, False] and result.rate == 0.5

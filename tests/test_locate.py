@@ -185,7 +185,21 @@ def test_result_records_method_metric_model_and_data():
     assert result.method == "attribution_patching" and result.metric == "target_logit"
     assert result.model_fingerprint == model_fingerprint(model) and result.data_hash == pairs.data_hash()
     assert result.extra["n_pairs"] == 12 and result.extra["positions"] == "last" and result.extra["batch_size"] == 5
-    assert abs(result.extra["metric_positive"] - result.extra["metric_negative"]) < 1e-5  # twins: same input
+
+
+def test_recorded_metric_means_match_a_direct_forward_pass():
+    """metric_positive / metric_negative are the mean metric on each side, not each other's copy."""
+    model, tok, pairs = make_tiny("llama"), tiny_tokenizer(), make_pairs()
+    result = locate(model, tok, pairs, method="attribution_patching", metric=target_logit, batch_size=5, progress=False)
+    sums = [0.0, 0.0]
+    with torch.no_grad():
+        for pos, neg in pairs.batches(tok, batch_size=12):
+            sums[0] += float(target_logit(model(**pos).logits, pos).sum())
+            sums[1] += float(target_logit(model(**neg).logits, neg).sum())
+    expected_positive, expected_negative = sums[0] / len(pairs), sums[1] / len(pairs)
+    assert abs(expected_positive - expected_negative) > 1e-3  # the two sides really differ here
+    assert result.extra["metric_positive"] == pytest.approx(expected_positive, abs=1e-5)
+    assert result.extra["metric_negative"] == pytest.approx(expected_negative, abs=1e-5)
 
 
 def test_lape_accepts_several_classes():

@@ -157,7 +157,31 @@ def test_get_metric_resolves_names_and_passes_callables(tok):
     assert get_metric(my_metric, tok) is my_metric
     assert metric_name(my_metric) == "my_metric"
     assert metric_name(lambda logits, batch: logits[:, -1, 0]) == "custom"
-    assert METRICS == ("refusal", "logit_diff", "logprob", "choice")
+
+
+METRIC_ARGS = {
+    "refusal": {},
+    "logit_diff": {"positive_tokens": ["Yes"], "negative_tokens": ["No"]},
+    "logprob": {},
+    "choice": {"choices": ("A", "B"), "target": 0},
+}
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_every_metric_name_builds_a_working_metric(tok, name):
+    metric = get_metric(name, tok, **METRIC_ARGS[name])
+    assert metric_name(metric).startswith(name)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, len(tok.vocab), requires_grad=True)
+    batch = {
+        "input_ids": torch.randint(0, len(tok.vocab), (4, 6)),
+        "completion_mask": torch.tensor([[0, 0, 0, 1, 1, 1]] * 4),
+    }
+    scores = metric(logits, batch)
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+    assert scores.unique().numel() > 1  # depends on each row's logits, not a constant
+    (grad,) = torch.autograd.grad(scores.sum(), logits)
+    assert grad.abs().sum() > 0
 
 
 def test_get_metric_errors(tok):

@@ -8,12 +8,13 @@ import re
 from pathlib import Path
 from types import ModuleType
 
+import conftest
 import pytest
+from conftest import shared_data
 
 from mi_peft.data import ContrastivePairs
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FOLDERS = ("refusal", "sentiment", "language", "sycophancy")
 # folder -> (train pairs, test pairs) for the positive/negative (or harmful/harmless) directory layout
 PAIR_SIZES = {"refusal": (260, 100), "sentiment": (200, 50), "language": (200, 50)}
@@ -209,17 +210,17 @@ def test_sycophancy_rows_point_away_from_the_matching_answer():
         assert _reply(d, "rejected") == item["answer_matching_behavior"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"upstream copies not found at {SHARED}")
 @pytest.mark.parametrize("folder", ("sentiment", "language", "sycophancy"))
 def test_build_scripts_reproduce_the_committed_files(folder):
+    shared = shared_data()  # fails under CI=true when ../shared/data is missing; skips with the reason elsewhere
     module = _build_module(folder)
     if folder == "sentiment":
-        outputs, jsonl = module.build(SHARED), {}
+        outputs, jsonl = module.build(shared), {}
     elif folder == "language":
-        outputs, sft = module.build(SHARED)
+        outputs, sft = module.build(shared)
         jsonl = {"sft_train": sft}
     else:
-        train, test, sft, dpo = module.build(SHARED)
+        train, test, sft, dpo = module.build(shared)
         outputs, jsonl = {"train_ab": train, "test_ab": test}, {"sft_train": sft, "dpo_train": dpo}
     for stem, value in outputs.items():
         assert _json(f"{folder}/{stem}.json") == value, f"{folder}/{stem}.json differs from build.py's output"
@@ -231,3 +232,15 @@ def test_build_scripts_reject_a_missing_source(tmp_path):
     for folder in ("sentiment", "language", "sycophancy"):
         with pytest.raises(ValueError, match="--source"):
             _build_module(folder).build(tmp_path)
+
+
+def test_missing_shared_data_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "absent")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="absent is missing"):
+        shared_data()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="absent is missing"):
+        shared_data()
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path)
+    assert shared_data() == tmp_path

@@ -296,7 +296,18 @@ def test_plot_writes_pngs(tmp_path):
 def test_compare():
     model = make_tiny("llama")
     result = scored(model)
-    same = result.compare(result, k=5)
+    # 8 heads ranked 1..8; the other result swaps ranks 1<->2, 5<->6 and 7<->8:
+    # sum of squared rank differences = 6, spearman = 1 - 6 * 6 / (8 * 63) = 13/14;
+    # top-3 {8, 7, 6} vs {8, 7, 5} share 2 heads.
+    ranks = torch.arange(1.0, 9.0)
+    swapped = torch.tensor([2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 8.0, 7.0])
+    mine = LocalizationResult({"heads": ranks.reshape(2, 4)}, result.spec, "mine")
+    theirs = LocalizationResult({"heads": swapped.reshape(2, 4)}, result.spec, "theirs")
+    cmp = mine.compare(theirs, k=3)["heads"]
+    assert cmp["spearman"] == pytest.approx(13 / 14) and cmp["spearman_signed"] == pytest.approx(13 / 14)
+    assert cmp["overlap"] == 2 and cmp["overlap_fraction"] == pytest.approx(2 / 3) and cmp["k"] == 3
+    copy = LocalizationResult({k: v.clone() for k, v in result.scores.items()}, result.spec, "copy")
+    same = result.compare(copy, k=5)
     assert same["heads"]["spearman"] == pytest.approx(1.0) and same["neurons"]["overlap"] == 5
     positive = {k: v.abs() + 0.1 for k, v in result.scores.items()}
     reversed_scores = {k: v.max() + v.min() - v for k, v in positive.items()}

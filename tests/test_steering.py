@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, make_tiny
+from conftest import TINY_CONFIGS, make_tiny, shared_data
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -383,7 +383,7 @@ def test_refusal_direction_steering_shifts_first_token_toward_refusal(embedded):
     from mi_peft.tuners.steering.condition import format_prompts, left_padded_batch
 
     model, tok = embedded
-    data = "/work/shared/data/refusal_direction/"
+    data = shared_data("refusal_direction")
     layers, n = list(range(8, 20)), 8
 
     def batch(name, start):

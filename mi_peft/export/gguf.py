@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..tuners._registry import check_adapter_weights
+
 CONTROL_VECTOR_ARCH = "controlvector"
 # transformers model_type -> llama.cpp architecture name, where the two differ.
 LLAMA_CPP_ARCH: dict[str, str] = {"gpt_neox": "gptneox", "gemma3_text": "gemma3"}
@@ -45,6 +47,7 @@ def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = json.loads(config_file.read_text())
     if config.get("peft_type") != "STEERING":
         raise ValueError(f"{folder} holds a {config.get('peft_type')!r} adapter, not a steering adapter.")
+    check_adapter_weights(folder)
     return config, load_file(str(weights_file))
 
 
