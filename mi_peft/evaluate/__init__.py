@@ -3,7 +3,10 @@
 Behaviour (from greedy generations): :func:`refusal_rate` (over-refusal = the same on harmless prompts),
 :func:`target_rate`, :func:`language_rate`; from next-token probabilities: :func:`ab_accuracy` on CAA
 A/B items. Side effects on neutral inputs: :func:`kl_to_base` (adapter on vs off, or vs a base model)
-and :func:`perplexity`. :class:`EvalReport` collects the numbers.
+and :func:`perplexity`. General ability on plain text: :func:`general_ability` (:func:`piqa_accuracy`,
+:func:`blimp_accuracy`, :func:`text_perplexity`); generation health of replies to generic instructions:
+:func:`generation_health` (:func:`degenerate_rate`, :func:`duplicate_rate`, :func:`distinct_2`).
+:class:`EvalReport` collects the numbers.
 
 Example:
     >>> from mi_peft.evaluate import EvalReport, kl_to_base, refusal_rate
@@ -24,7 +27,26 @@ from .behaviour import (
     target_rate,
 )
 from .choice import ABResult, ab_accuracy
+from .general import (
+    BlimpResult,
+    GeneralAbility,
+    PiqaResult,
+    blimp_accuracy,
+    continuation_logprobs,
+    general_ability,
+    piqa_accuracy,
+    text_perplexity,
+)
 from .generation import generate
+from .health import (
+    GenerationHealth,
+    degenerate_rate,
+    distinct_2,
+    duplicate_rate,
+    generation_health,
+    is_degenerate,
+    load_generic_instructions,
+)
 from .language import LANGUAGES, detect_language
 from .report import EvalReport
 from .side_effects import kl_to_base, perplexity
@@ -35,15 +57,30 @@ __all__ = [
     "LANGUAGES",
     "REFUSAL_SUBSTRINGS",
     "ABResult",
+    "BlimpResult",
     "EvalReport",
+    "GeneralAbility",
+    "GenerationHealth",
+    "PiqaResult",
     "RateResult",
     "ab_accuracy",
+    "blimp_accuracy",
+    "continuation_logprobs",
+    "degenerate_rate",
     "detect_language",
+    "distinct_2",
+    "duplicate_rate",
+    "general_ability",
     "generate",
+    "generation_health",
+    "is_degenerate",
     "is_refusal",
     "kl_to_base",
     "language_rate",
+    "load_generic_instructions",
     "perplexity",
+    "piqa_accuracy",
     "refusal_rate",
     "target_rate",
+    "text_perplexity",
 ]
