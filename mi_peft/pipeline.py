@@ -1,8 +1,9 @@
 """``mi-peft run RECIPE``: locate -> validate causally -> steer -> train -> evaluate -> report.
 
-Every variant is evaluated on the same held-out prompts, so the final table compares the base
-model, the best steering adapter, sparse adapters on located and on random components at the
-same budget, and a LoRA baseline, column for column.
+Every variant is scored on the same held-out prompts by one :class:`~mi_peft.scoring.Evaluator`, so
+the final table compares the base model, steering adapters, sparse adapters on located and on
+random components at the same budget, and LoRA baselines (all-linear and matched to the sparse
+budget), column for column, with general-ability side effects and intervals.
 """
 
 from __future__ import annotations
@@ -10,26 +11,39 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import get_peft_model
 
+from . import variants as variant_plan
+from .aggregate import summarize_runs, verdicts
 from .capture import ablate
-from .data import ContrastivePairs, read_rows, read_texts
-from .evaluate import ab_accuracy, kl_to_base, language_rate, refusal_rate, target_rate
-from .evaluate.generation import generate
+from .data import ContrastivePairs
+from .evaluate.preference import preference_margin
 from .locate import directions, locate
 from .metrics import get_metric, metric_name
 from .models import load_model
-from .recipe import Recipe, check_sizes, load_recipe, parse_layers
+from .recipe import Recipe, check_budgets, check_sizes, load_recipe, parse_layers
 from .report import write_report
-from .train import dpo, sft
-from .tuners.sparse import SparseConfig
+from .scoring import Evaluator, score_row
 from .tuners.steering import SteeringConfig
+
+
+@dataclass
+class Run:
+    """What the stages of one recipe run share."""
+
+    recipe: Recipe
+    out: Path
+    model: Any
+    tokenizer: Any
+    evaluator: Evaluator
+    log: Callable[[str], None]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _metric_mean(model, tokenizer, pairs: ContrastivePairs, metric, batch_size: int) -> float:
@@ -72,92 +86,6 @@ def validate_causally(model, tokenizer, recipe: Recipe, result, val: Contrastive
     return out
 
 
-def _target_strings(recipe: Recipe) -> list[str]:
-    if recipe.targets is not None:
-        return [str(t) for t in json.loads(recipe.targets.read_text())]
-    target = recipe.evaluate.target
-    return [target] if isinstance(target, str) else list(target or [])
-
-
-class Evaluator:
-    """Measures the recipe's target behaviour and side effects on fixed held-out prompts.
-
-    The first ``n_test`` rows of each test file are the test set; the next ``steer.val_prompts`` rows
-    are the validation set that picks the steering alpha, so no choice is made on test items.
-    """
-
-    def __init__(self, recipe: Recipe, tokenizer):
-        ev = recipe.evaluate
-        self.recipe, self.tokenizer, self.ev = recipe, tokenizer, ev
-        n, v = ev.n_test, recipe.steer.val_prompts
-        if ev.behaviour == "ab":
-            rows = read_rows(recipe.test_positive)
-            self.sets = {"test": (rows[:n], []), "val": (rows[n : n + v], [])}
-        else:
-            pos = read_texts(recipe.test_positive)
-            neg = read_texts(recipe.test_negative) if recipe.test_negative is not None else []
-            self.sets = {"test": (pos[:n], neg[:n]), "val": (pos[n : n + v], neg[n : n + v])}
-        self.targets = _target_strings(recipe)
-        neutral_source = recipe.neutral or (
-            None if ev.behaviour == "ab" else recipe.test_negative or recipe.test_positive
-        )
-        self.neutral = read_texts(neutral_source)[: ev.n_neutral] if neutral_source is not None else []
-
-    def _rate(self, model, prompts: list[str]) -> float:
-        ev, tok = self.ev, self.tokenizer
-        if not prompts:
-            return float("nan")
-        if ev.behaviour == "refusal":
-            return refusal_rate(model, tok, prompts, max_new_tokens=ev.max_new_tokens).rate
-        if ev.behaviour == "language":
-            return language_rate(model, tok, prompts, language=ev.language, max_new_tokens=ev.max_new_tokens).rate
-        generations = generate(model, tok, prompts, max_new_tokens=ev.max_new_tokens)
-        return target_rate(generations, targets=self.targets).rate
-
-    def target(self, model, split: str = "test") -> float:
-        """Rate of the wanted behaviour (refusal of harmful prompts, French replies, non-sycophantic choice)."""
-        positive, _ = self.sets[split]
-        if self.ev.behaviour == "ab":
-            return 1.0 - ab_accuracy(model, self.tokenizer, positive).accuracy if positive else float("nan")
-        return self._rate(model, positive)
-
-    def side(self, model, split: str = "test") -> float:
-        """Rate of the same behaviour where it is unwanted (e.g. over-refusal of harmless prompts)."""
-        return self._rate(model, self.sets[split][1])
-
-    def kl(self, model) -> float:
-        """Mean KL to the base model on neutral prompts (0 for the base itself, NaN without neutral prompts)."""
-        if not self.neutral:
-            return float("nan")
-        if not isinstance(model, PeftModel):
-            return 0.0
-        return kl_to_base(model, self.tokenizer, self.neutral)
-
-
-def _adapter_bytes(folder: Path) -> int:
-    path = folder / "adapter_model.safetensors"
-    return path.stat().st_size if path.is_file() else 0
-
-
-def _row(name: str, model, evaluator: Evaluator, out: Path | None, seconds: float, extra: dict | None = None) -> dict:
-    trainable, total = model.get_nb_trainable_parameters() if isinstance(model, PeftModel) else (0, None)
-    if total is None:
-        total = sum(p.numel() for p in model.parameters())
-    if out is not None and isinstance(model, PeftModel):
-        model.save_pretrained(out)
-    row = {
-        "variant": name,
-        "trainable_params": int(trainable),
-        "trainable_pct": 100.0 * trainable / total,
-        "adapter_bytes": _adapter_bytes(out) if out is not None else 0,
-        "target": evaluator.target(model),
-        "side": evaluator.side(model),
-        "kl_to_base": evaluator.kl(model),
-        "train_seconds": seconds,
-    }
-    return {**row, **(extra or {})}
-
-
 def steering_sweep(model, recipe: Recipe, dirs, evaluator: Evaluator) -> dict:
     """Alpha sweep of additive steering on validation prompts; pick the best alpha (target - side)."""
     layers = parse_layers(recipe.steer.layers)
@@ -165,11 +93,7 @@ def steering_sweep(model, recipe: Recipe, dirs, evaluator: Evaluator) -> dict:
     for alpha in recipe.steer.alphas:
         steered = get_peft_model(model, SteeringConfig.from_directions(dirs, layers=layers, alpha=float(alpha)))
         sweep.append(
-            {
-                "alpha": float(alpha),
-                "target": evaluator.target(steered, "val"),
-                "side": evaluator.side(steered, "val"),
-            }
+            {"alpha": float(alpha), "target": evaluator.target(steered, "val"), "side": evaluator.side(steered, "val")}
         )
         steered.unload()
     best = max(sweep, key=lambda r: (r["target"] - (0 if math.isnan(r["side"]) else r["side"]), -r["alpha"]))
@@ -179,9 +103,134 @@ def steering_sweep(model, recipe: Recipe, dirs, evaluator: Evaluator) -> dict:
     return {"layers": layers, "sweep": sweep, "best_alpha": best["alpha"], "conditional_alpha": strongest["alpha"]}
 
 
-def _fresh(recipe: Recipe):
-    model, _ = load_model(recipe.model)
-    return model
+def apply_overrides(
+    recipe: Recipe,
+    steps: int | None = None,
+    n_test: int | None = None,
+    dpo_steps: int | None = None,
+    pairs: int | None = None,
+    seeds: int | None = None,
+    budgets: Sequence[float] | None = None,
+) -> Recipe:
+    """Command-line overrides, checked like the recipe's own fields before any model loads."""
+    train = recipe.train
+    if steps is not None:
+        train = replace(train, steps=steps, dpo_steps=steps if dpo_steps is None else dpo_steps)
+    elif dpo_steps is not None:
+        train = replace(train, dpo_steps=dpo_steps)
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"`--seeds` must be a positive integer (training runs per variant), got {seeds!r}.")
+        train = replace(train, seeds=seeds)
+    if budgets is not None:
+        check_budgets(list(budgets), "--budgets", "param_budgets")
+        train = replace(train, param_budgets=tuple(budgets))
+    recipe.train = train
+    if pairs is not None:
+        recipe.locate = replace(recipe.locate, pairs=pairs)
+        recipe.validate = replace(recipe.validate, pairs=min(recipe.validate.pairs, pairs))
+        recipe.steer = replace(recipe.steer, val_prompts=min(recipe.steer.val_prompts, pairs))
+    if n_test is not None:
+        recipe.evaluate = replace(recipe.evaluate, n_test=n_test)
+        check_sizes(recipe)
+    return recipe
+
+
+def _locate(run: Run) -> tuple[Any, ContrastivePairs, ContrastivePairs]:
+    recipe = run.recipe
+    keys = recipe.pair_keys or {}
+    all_pairs = ContrastivePairs.load(
+        recipe.pairs, **{f"{k}_key": keys[k] for k in ("positive", "negative", "prompt") if k in keys}
+    )
+    train_pairs, val_pairs, _ = all_pairs.split(val=0.2, test=0.0, seed=recipe.seed)
+    loc_pairs = train_pairs.subset(min(recipe.locate.pairs, len(train_pairs)), seed=recipe.seed)
+    run.log(f"[1/5] locate: {recipe.locate.method} on {len(loc_pairs)} pairs")
+    started = time.perf_counter()
+    result = locate(
+        run.model,
+        run.tokenizer,
+        loc_pairs,
+        method=recipe.locate.method,
+        components=recipe.locate.components,
+        metric=_metric(recipe, run.tokenizer, "locate"),
+        positions=recipe.locate.positions,
+        batch_size=recipe.locate.batch_size,
+    )
+    result.save(run.out / "localization")
+    run.timings["locate"] = time.perf_counter() - started
+    return result, loc_pairs, val_pairs
+
+
+def _steer(run: Run, loc_pairs: ContrastivePairs, val_pairs: ContrastivePairs) -> tuple[dict, list[dict]]:
+    """Steering directions, the alpha sweep, and the rows of the best additive and conditional adapters."""
+    recipe, model, tok, evaluator = run.recipe, run.model, run.tokenizer, run.evaluator
+    run.log("[3/5] steer: directions, alpha sweep, conditional steering")
+    started = time.perf_counter()
+    steer_pairs = loc_pairs
+    if recipe.steer_pairs is not None:  # e.g. answer prefixes: refusal vs compliance after the same prompt
+        steer_pairs = ContrastivePairs.load(recipe.steer_pairs, prompt_key="prompt")
+        steer_pairs = steer_pairs.subset(min(recipe.locate.pairs, len(steer_pairs)), seed=recipe.seed)
+    layers = parse_layers(recipe.steer.layers)
+    dirs = directions(model, tok, steer_pairs, method=recipe.steer.method, layers=layers)
+    steering = steering_sweep(model, recipe, dirs, evaluator)
+    configs = [
+        (
+            f"steering add (alpha={steering['best_alpha']:g})",
+            "steering",
+            SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=steering["best_alpha"]),
+        )
+    ]
+    if recipe.steer.conditional:
+        # The condition detects the prompt class (positive vs negative prompts of the locate pairs), which
+        # may differ from the behaviour direction that is added (e.g. answer prefixes); its threshold is
+        # calibrated on the validation pairs, which neither direction saw. Its layer is at most the first
+        # steered layer: the decision is taken during the prompt's forward, so steering in a layer below
+        # the condition layer would miss the prompt tokens.
+        cond_layers = list(range(min(layers) + 1)) if layers else None
+        cond_dirs = directions(model, tok, loc_pairs, method="mean_diff", layers=cond_layers, progress=False)
+        condition, report = SteeringConfig.calibrate_condition(
+            model, tok, val_pairs.positive, val_pairs.negative, directions=cond_dirs
+        )
+        steering["condition"] = report.chosen
+        alpha = steering["conditional_alpha"]
+        config = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=alpha, condition=condition)
+        configs.append((f"conditional steering (alpha={alpha:g})", "steering_conditional", config))
+    rows = []
+    for name, folder, config in configs:
+        steered = get_peft_model(model, config)
+        rows.append(score_row(name, steered, evaluator, run.out / "adapters" / folder, 0.0, {"adapter": "steering"}))
+        steered.unload()
+    run.timings["steer"] = time.perf_counter() - started
+    return steering, rows
+
+
+def _held_out_margin(run: Run, model) -> float | None:
+    """Mean chosen-minus-rejected log-prob on the DPO rows that training never sees."""
+    rows = variant_plan.dpo_split(run.recipe)[1] if run.recipe.dpo is not None else []
+    return preference_margin(model, run.tokenizer, rows).mean if rows else None
+
+
+def _train(run: Run, result) -> tuple[list[dict], dict[str, list[float]]]:
+    """Every planned variant, ``train.seeds`` times: per-seed rows and the first seed's loss curves."""
+    recipe = run.recipe
+    plan = variant_plan.plan(recipe)
+    run.log(f"[4/5] train: {len(plan)} variants x {recipe.train.seeds} seed(s), {recipe.train.steps} steps")
+    started = time.perf_counter()
+    runs, losses = [], {}
+    for seed_index in range(recipe.train.seeds):
+        seed = recipe.seed + seed_index
+        for variant in plan:
+            folder = f"{variant.slug}_s{seed}"
+            trained = variant_plan.train(variant, recipe, result, run.tokenizer, run.out / "train" / folder, seed)
+            if seed_index == 0:
+                losses.setdefault(variant.name, trained.losses)
+            extra = {"adapter": variant.adapter, "method": variant.method, "budget": variant.budget, "seed": seed}
+            if variant.method != "sft":
+                extra["margin"] = _held_out_margin(run, trained.model)
+            out = run.out / "adapters" / folder
+            runs.append(score_row(variant.name, trained.model, run.evaluator, out, trained.train_seconds, extra))
+    run.timings["train_and_eval"] = time.perf_counter() - started
+    return runs, losses
 
 
 def run_recipe(
@@ -191,138 +240,32 @@ def run_recipe(
     n_test: int | None = None,
     dpo_steps: int | None = None,
     pairs: int | None = None,
+    seeds: int | None = None,
+    budgets: Sequence[float] | None = None,
+    settings: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run a recipe end to end and write ``report.md``, ``results.json`` and plots to ``out_dir``."""
-    recipe = load_recipe(path)
-    if steps is not None:
-        recipe.train = replace(recipe.train, steps=steps, dpo_steps=steps if dpo_steps is None else dpo_steps)
-    elif dpo_steps is not None:
-        recipe.train = replace(recipe.train, dpo_steps=dpo_steps)
-    if pairs is not None:
-        recipe.locate = replace(recipe.locate, pairs=pairs)
-        recipe.validate = replace(recipe.validate, pairs=min(recipe.validate.pairs, pairs))
-        recipe.steer = replace(recipe.steer, val_prompts=min(recipe.steer.val_prompts, pairs))
-    if n_test is not None:
-        recipe.evaluate = replace(recipe.evaluate, n_test=n_test)
-        check_sizes(recipe)
+    """Run a recipe end to end and write ``report.md``, ``results.json`` and plots to ``out_dir``.
+
+    ``settings`` override single recipe fields (``"evaluate.piqa_n=32"``), checked before any model loads.
+    """
+    recipe = apply_overrides(load_recipe(path, settings), steps, n_test, dpo_steps, pairs, seeds, budgets)
     out = Path(out_dir or Path("runs") / recipe.name)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     started = time.perf_counter()
     model, tokenizer = load_model(recipe.model)
-    evaluator = Evaluator(recipe, tokenizer)
-    keys = recipe.pair_keys or {}
-    all_pairs = ContrastivePairs.load(
-        recipe.pairs,
-        **{f"{k}_key": keys[k] for k in ("positive", "negative", "prompt") if k in keys},
-    )
-    train_pairs, val_pairs, _ = all_pairs.split(val=0.2, test=0.0, seed=recipe.seed)
-    loc_pairs = train_pairs.subset(min(recipe.locate.pairs, len(train_pairs)), seed=recipe.seed)
-
-    log(f"[1/5] locate: {recipe.locate.method} on {len(loc_pairs)} pairs")
-    t = time.perf_counter()
-    result = locate(
-        model,
-        tokenizer,
-        loc_pairs,
-        method=recipe.locate.method,
-        components=recipe.locate.components,
-        metric=_metric(recipe, tokenizer, "locate"),
-        positions=recipe.locate.positions,
-        batch_size=recipe.locate.batch_size,
-    )
-    result.save(out / "localization")
-    timings["locate"] = time.perf_counter() - t
-
+    run = Run(recipe, out, model, tokenizer, Evaluator(recipe, tokenizer), log)
+    result, loc_pairs, val_pairs = _locate(run)
     log("[2/5] validate: ablate top components vs random ones")
     validation = validate_causally(model, tokenizer, recipe, result, val_pairs)
-
-    log("[3/5] steer: directions, alpha sweep, conditional steering")
-    t = time.perf_counter()
-    steer_pairs = loc_pairs
-    if recipe.steer_pairs is not None:  # e.g. answer prefixes: refusal vs compliance after the same prompt
-        steer_pairs = ContrastivePairs.load(recipe.steer_pairs, prompt_key="prompt")
-        steer_pairs = steer_pairs.subset(min(recipe.locate.pairs, len(steer_pairs)), seed=recipe.seed)
-    layers = parse_layers(recipe.steer.layers)
-    dirs = directions(model, tokenizer, steer_pairs, method=recipe.steer.method, layers=layers)
-    steering = steering_sweep(model, recipe, dirs, evaluator)
-    rows = [_row("base", model, evaluator, None, 0.0)]
-    best = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=steering["best_alpha"])
-    steered = get_peft_model(model, best)
-    rows.append(
-        _row(f"steering add (alpha={steering['best_alpha']:g})", steered, evaluator, out / "adapters" / "steering", 0.0)
-    )
-    steered.unload()
-    if recipe.steer.conditional:
-        # The condition detects the prompt class (positive vs negative prompts of the locate pairs), which
-        # may differ from the behaviour direction that is added (e.g. answer prefixes); its threshold is
-        # calibrated on the validation pairs, which neither direction saw. Its layer is at most the first
-        # steered layer: the decision is taken during the prompt's forward, so steering in a layer below
-        # the condition layer would miss the prompt tokens.
-        cond_layers = list(range(min(layers) + 1)) if layers else None
-        cond_dirs = directions(model, tokenizer, loc_pairs, method="mean_diff", layers=cond_layers, progress=False)
-        condition, report = SteeringConfig.calibrate_condition(
-            model, tokenizer, val_pairs.positive, val_pairs.negative, directions=cond_dirs
-        )
-        steering["condition"] = report.chosen
-        cond_cfg = SteeringConfig.from_directions(
-            dirs, layers=steering["layers"], alpha=steering["conditional_alpha"], condition=condition
-        )
-        steered = get_peft_model(model, cond_cfg)
-        rows.append(
-            _row(
-                f"conditional steering (alpha={steering['conditional_alpha']:g})",
-                steered,
-                evaluator,
-                out / "adapters" / "steering_conditional",
-                0.0,
-            )
-        )
-        steered.unload()
-    timings["steer"] = time.perf_counter() - t
-
-    log(f"[4/5] train: sparse located / sparse random / LoRA r={recipe.train.lora_r}, {recipe.train.steps} steps")
-    t = time.perf_counter()
-    tr = recipe.train
-    common = dict(max_steps=tr.steps, batch_size=tr.batch_size, max_length=tr.max_length, seed=recipe.seed)
-    select = dict(param_budget=tr.param_budget, kinds=tr.kinds, head_mode=tr.head_mode, neuron_mode=tr.neuron_mode)
-    variants = [
-        ("sparse located", SparseConfig.from_localization(result, **select), tr.lr),
-        ("sparse random", SparseConfig.from_localization(result, random=recipe.seed, **select), tr.lr),
-        (
-            f"LoRA r={tr.lora_r}",
-            LoraConfig(r=tr.lora_r, lora_alpha=2 * tr.lora_r, target_modules="all-linear"),
-            tr.lora_lr,
-        ),
-    ]
-    losses: dict[str, list[float]] = {}
-    data = recipe.sft if recipe.sft is not None else None
-    for name, config, lr in variants if data is not None else []:
-        slug = name.split()[0] + "_" + name.split()[1].replace("r=", "r")
-        run = sft(_fresh(recipe), tokenizer, data, config, output_dir=out / "train" / slug, learning_rate=lr, **common)
-        losses[name] = run.losses
-        rows.append(_row(name, run.model, evaluator, out / "adapters" / slug, run.train_seconds))
+    steering, steer_rows = _steer(run, loc_pairs, val_pairs)
+    base_row = score_row("base", model, run.evaluator, None, 0.0, {"adapter": "base"})
     if recipe.dpo is not None:
-        dpo_steps = tr.dpo_steps or tr.steps
-        config = SparseConfig.from_localization(result, **select)
-        run = dpo(
-            _fresh(recipe),
-            tokenizer,
-            recipe.dpo,
-            config,
-            output_dir=out / "train" / "dpo",
-            learning_rate=tr.lr,
-            **{**common, "max_steps": dpo_steps},
-        )
-        losses["sparse located DPO"] = run.losses
-        rows.append(
-            _row("sparse located DPO", run.model, evaluator, out / "adapters" / "sparse_dpo", run.train_seconds)
-        )
-    timings["train_and_eval"] = time.perf_counter() - t
-
+        base_row["margin"] = _held_out_margin(run, model)
+    runs, losses = _train(run, result)
     log("[5/5] report")
-    timings["total"] = time.perf_counter() - started
+    run.timings["total"] = time.perf_counter() - started
+    summary = [base_row, *steer_rows, *summarize_runs(runs)]
     results = {
         "recipe": recipe.to_dict(),
         "localization": {
@@ -332,9 +275,11 @@ def run_recipe(
         },
         "validation": validation,
         "steering": steering,
-        "variants": rows,
+        "variants": summary,
+        "verdicts": verdicts(summary),
+        "runs": runs,
         "losses": losses,
-        "timings": timings,
+        "timings": run.timings,
     }
     write_report(out, results, result)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))

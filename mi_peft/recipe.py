@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ class EvaluateSection:
     ppl_texts: int = 24  # WikiText-2 test paragraphs
     health_prompts: int = 32  # generic held-out instructions for degenerate/duplicate/distinct-2
     health_tokens: int = 48
+    dpo_held_out: int = 32  # DPO rows kept out of training to measure the chosen-minus-rejected margin
 
 
 @dataclass
@@ -202,15 +204,33 @@ def resolve_recipe_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"recipe {source} does not exist; give a YAML path or a shipped recipe name {names}.")
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def _apply_setting(raw: dict[str, Any], setting: str, source: Path) -> None:
+    """``"evaluate.piqa_n=32"``: set one field of the raw recipe (the value is read as YAML)."""
+    key, sep, value = setting.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or parts[0] not in _SECTIONS or not all(parts):
+        raise ValueError(
+            f"{source}: cannot apply setting {setting!r}; use SECTION.FIELD=VALUE with SECTION one of "
+            f"{sorted(_SECTIONS)}, e.g. evaluate.piqa_n=32."
+        )
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{source}: `{parts[0]}` must be a mapping, got {type(section).__name__}.")
+    section[parts[1]] = yaml.safe_load(value)
+
+
+def load_recipe(path: str | Path, settings: Sequence[str] = ()) -> Recipe:
     """Parse and validate a recipe: a YAML path or a shipped name such as ``"refusal"``.
 
-    Data paths are relative to the recipe file, and every referenced file must exist.
+    Data paths are relative to the recipe file, and every referenced file must exist. ``settings``
+    override single fields (``"train.steps=20"``) before validation, so they are checked like the file.
     """
     source = resolve_recipe_path(path)
     raw = yaml.safe_load(source.read_text())
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: a recipe is a YAML mapping with at least `name` and `data`.")
+    for setting in settings:
+        _apply_setting(raw, setting, source)
     unknown = sorted(set(raw) - _TOP_LEVEL)
     if unknown:
         raise ValueError(f"{source}: unknown top-level field(s) {unknown}; allowed: {sorted(_TOP_LEVEL)}.")
@@ -294,6 +314,7 @@ def _check(recipe: Recipe, source: Path) -> None:
         ("evaluate.ppl_texts", ev.ppl_texts),
         ("evaluate.health_prompts", ev.health_prompts),
         ("evaluate.health_tokens", ev.health_tokens),
+        ("evaluate.dpo_held_out", ev.dpo_held_out),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{source}: `{name}` must be a positive integer, got {value!r}.")

@@ -14,11 +14,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 TABLE_COLUMNS = (
     ("variant", "variant", "{}"),
     ("trainable_pct", "trainable %", "{:.4f}"),
-    ("trainable_params", "trainable params", "{:,}"),
-    ("adapter_bytes", "adapter file (bytes)", "{:,}"),
-    ("target", "target metric", "{:.1%}"),
-    ("side", "side metric", "{:.1%}"),
+    ("trainable_params", "trainable params", "{:,.0f}"),
+    ("seeds", "seeds", "{}"),
+    ("target", "target [95% CI]", "rate"),
+    ("side", "side [95% CI]", "rate"),
     ("kl_to_base", "KL to base", "{:.4f}"),
+    ("piqa", "PIQA", "{:.1%}"),
+    ("blimp", "BLiMP", "{:.1%}"),
+    ("perplexity", "WikiText ppl", "{:.2f}"),
+    ("degenerate", "degenerate", "{:.0%}"),
+    ("duplicates", "duplicates", "{:.0%}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("margin", "DPO margin (held-out)", "{:+.2f}"),
     ("train_seconds", "train time (s)", "{:.1f}"),
 )
 _LABELS = {
@@ -29,17 +36,27 @@ _LABELS = {
 }
 
 
-def _cell(value: Any, fmt: str) -> str:
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return fmt.format(value)
+    if fmt != "rate":
+        text = fmt.format(value)
+    else:
+        text = f"{value:.1%}"
+        if row.get(f"{key}_std") is not None and not math.isnan(row[f"{key}_std"]):
+            text += f" ±{row[f'{key}_std']:.1%}"
+        if row.get(f"{key}_low") is not None:
+            text += f" [{row[f'{key}_low']:.0%}, {row[f'{key}_high']:.0%}]"
+    return text
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of the variants, one row each."""
-    head = "| " + " | ".join(label for _, label, _ in TABLE_COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(row[key], fmt) for key, _, fmt in TABLE_COLUMNS) + " |" for row in rows]
+    """Markdown table of the variants, one row each; columns no row has a value for are left out."""
+    columns = [c for c in TABLE_COLUMNS if any(_cell(r, c[0], c[2]) != "-" for r in rows)]
+    head = "| " + " | ".join(label for _, label, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
 
 
@@ -76,16 +93,93 @@ def _plot_losses(path: Path, losses: dict[str, list[float]]) -> Path:
     return _finish(fig, ax, path, "logging step", "training loss", "training loss")
 
 
+def _errors(rows: list[dict[str, Any]], key: str) -> list[list[float]]:
+    """Asymmetric error bars from each row's Wilson interval (0 where a row has none)."""
+    low = [r[key] - r[f"{key}_low"] if f"{key}_low" in r else 0.0 for r in rows]
+    high = [r[f"{key}_high"] - r[key] if f"{key}_high" in r else 0.0 for r in rows]
+    return [low, high]
+
+
 def _plot_bars(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) -> Path:
-    names = [r["variant"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    names = [r["variant"] + (f" @{r['trainable_pct']:.3g}%" if r.get("budget") else "") for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["target"] for r in rows], width=0.4, label=labels[0])
-    side = [0.0 if math.isnan(r["side"]) else r["side"] for r in rows]
-    ax.bar([i + 0.2 for i in x], side, width=0.4, label=labels[1])
+    target = [r["target"] for r in rows]
+    ax.bar([i - 0.2 for i in x], target, width=0.4, label=labels[0], yerr=_errors(rows, "target"), capsize=2)
+    if not all(_missing(r.get("side")) for r in rows):
+        side = [0.0 if _missing(r.get("side")) else r["side"] for r in rows]
+        ax.bar([i + 0.2 for i in x], side, width=0.4, label=labels[1], yerr=_errors(rows, "side"), capsize=2)
     ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
-    return _finish(fig, ax, path, None, "rate on held-out prompts", "target and side metrics per variant")
+    return _finish(fig, ax, path, None, "rate on held-out prompts (95% CI)", "target and side metrics per variant")
+
+
+_SERIES = {
+    "located": ("sparse located", "o-"),
+    "random": ("sparse random", "s--"),
+    "lora_matched": ("LoRA matched", "^:"),
+}
+
+
+def _plot_pareto(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) -> Path:
+    """Trainable % (log) against the target and side rates, one line per adapter kind, with Wilson bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
+    for axis, key, label in zip(axes, ("target", "side"), labels, strict=True):
+        for adapter, (name, style) in _SERIES.items():
+            series = sorted(
+                (r for r in rows if r.get("adapter") == adapter and r.get("method") == "sft"),
+                key=lambda r: r["trainable_pct"],
+            )
+            if series and not all(_missing(r.get(key)) for r in series):
+                axis.errorbar(
+                    [r["trainable_pct"] for r in series],
+                    [r[key] for r in series],
+                    yerr=_errors(series, key),
+                    fmt=style,
+                    capsize=3,
+                    label=name,
+                )
+        axis.set_xscale("log")
+        axis.set_ylim(0, 1)
+        axis.set_title(label, fontsize=9)
+        axis.set_xlabel("trainable parameters (% of model, log scale)")
+    axes[0].set_ylabel("rate on held-out prompts (95% CI)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _verdict_lines(verdicts: list[dict[str, Any]], seeds: int) -> list[str]:
+    lines = []
+    for v in verdicts:
+        budget = v["budget"]
+        text = f"- budget {budget:g}: located {v['located_target']:.1%}"
+        if "random_target" in v:
+            separated = {True: "intervals do not overlap", False: "intervals overlap", None: "no interval"}
+            text += (
+                f" vs random {v['random_target']:.1%} ({v['target_gain_over_random']:+.1%}, "
+                f"{separated[v['separated_from_random']]})"
+            )
+            if v.get("side_change_over_random") is not None:
+                text += f", side effect {v['side_change_over_random']:+.1%} vs random"
+        if "lora_net" in v:
+            text += (
+                f"; target minus side {v['located_net']:+.1%} vs matched LoRA {v['lora_net']:+.1%} "
+                f"({v['net_gain_over_matched_lora']:+.1%})"
+            )
+        lines.append(text + ".")
+    if lines:
+        lines.append(
+            f"\nRates pool {seeds} seed(s) x the held-out prompts for each 95% Wilson interval; ± is the standard "
+            "deviation across seeds."
+        )
+    return lines
 
 
 def _top_line(kind: str, letter: str, top: list) -> str:
@@ -105,6 +199,8 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
     if any(results["losses"].values()):
         written.append(_plot_losses(plots / "training_loss.png", results["losses"]).relative_to(out))
     written.append(_plot_bars(plots / "metrics.png", results["variants"], labels).relative_to(out))
+    if len({r.get("budget") for r in results["variants"] if r.get("adapter") == "located"}) > 1:
+        written.append(_plot_pareto(plots / "budget_pareto.png", results["variants"], labels).relative_to(out))
 
     recipe, val, steer = results["recipe"], results["validation"], results["steering"]
     lines = [
@@ -118,6 +214,15 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
         "## Comparison on held-out prompts",
         "",
         comparison_table(results["variants"]),
+        "",
+        f"Held-out prompts: {results['variants'][0].get('target_n', '-')} for the target metric and "
+        f"{results['variants'][0].get('side_n', '-')} for the side metric. General ability (PIQA, BLiMP, WikiText "
+        "perplexity) and generation health (on generic instructions) come from `mi_peft.evaluate.general` and "
+        "`mi_peft.evaluate.health`.",
+        "",
+        "## Located vs random vs matched LoRA",
+        "",
+        *_verdict_lines(results.get("verdicts", []), recipe["train"].get("seeds", 1)),
         "",
         "## Localization",
         "",
@@ -140,7 +245,7 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
         "| alpha | target | side |",
         "|---|---|---|",
         *[
-            f"| {r['alpha']:g} | {_cell(r['target'], '{:.1%}')} | {_cell(r['side'], '{:.1%}')} |"
+            f"| {r['alpha']:g} | {_cell(r, 'target', '{:.1%}')} | {_cell(r, 'side', '{:.1%}')} |"
             for r in steer["sweep"]
         ],
         "",

@@ -12,6 +12,7 @@ from mi_peft.report import comparison_table
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "refusal"
 
+GENERAL_TINY = {"piqa_n": 4, "blimp_n": 1, "ppl_texts": 2, "health_prompts": 2, "health_tokens": 4, "dpo_held_out": 4}
 SHORT = {
     "name": "refusal-short",
     "data": {
@@ -26,7 +27,7 @@ SHORT = {
     "validate": {"top_k": 3, "pairs": 2},
     "steer": {"layers": "8-10", "alphas": [0, 4], "val_prompts": 2, "conditional": True},
     "train": {"steps": 1, "batch_size": 2, "max_length": 96, "param_budget": 0.0005},
-    "evaluate": {"n_test": 2, "max_new_tokens": 6, "n_neutral": 2},
+    "evaluate": {"n_test": 2, "max_new_tokens": 6, "n_neutral": 2, **GENERAL_TINY},
 }
 
 
@@ -45,13 +46,21 @@ def test_run_writes_consistent_report(tmp_path, capsys):
     names = [row["variant"] for row in results["variants"]]
     assert names[0] == "base" and "sparse located" in names and "sparse random" in names and "LoRA r=8" in names
     assert "sparse located DPO" in names and any(n.startswith("conditional steering (alpha=") for n in names)
+    assert "LoRA matched" in names
     for row in results["variants"]:
-        for key in ("target", "side", "kl_to_base", "trainable_pct", "train_seconds"):
+        for key in ("target", "side", "kl_to_base", "trainable_pct", "train_seconds", "piqa", "blimp", "perplexity"):
             assert math.isfinite(row[key]), (row["variant"], key)
         assert 0.0 <= row["target"] <= 1.0 and 0.0 <= row["side"] <= 1.0
+        assert 0.0 <= row["degenerate"] <= 1.0 and 0.0 < row["distinct_2"] <= 1.0
+        assert row["piqa_n"] == 4 and row["blimp_n"] == 67 and row["target_n"] == 2
+    matched = results["variants"][names.index("LoRA matched")]
     located = results["variants"][names.index("sparse located")]
     lora = results["variants"][names.index("LoRA r=8")]
     assert 0 < located["trainable_params"] <= 0.0005 * 134_515_008 < lora["trainable_params"]
+    assert abs(matched["trainable_params"] / located["trainable_params"] - 1) <= 0.1
+    dpo_row = results["variants"][names.index("sparse located DPO")]
+    assert math.isfinite(dpo_row["margin"]) and math.isfinite(results["variants"][0]["margin"])
+    assert "Located vs random vs matched LoRA" in (out / "report.md").read_text()
     assert located["adapter_bytes"] > 0 and results["variants"][0]["trainable_params"] == 0
     assert comparison_table(results["variants"]) in (out / "report.md").read_text()
     assert comparison_table(results["variants"]) in capsys.readouterr().out
@@ -63,7 +72,7 @@ TINY = {
     "validate": {"top_k": 3, "pairs": 2},
     "steer": {"layers": "8-9", "val_prompts": 2},
     "train": {"steps": 1, "batch_size": 2, "param_budget": 0.0005},
-    "evaluate": {"n_test": 2, "max_new_tokens": 4, "n_neutral": 2},
+    "evaluate": {"n_test": 2, "max_new_tokens": 4, "n_neutral": 2, **GENERAL_TINY},
 }
 
 
@@ -97,3 +106,71 @@ def test_every_shipped_recipe_runs(tmp_path, name):
         assert row["kl_to_base"] is not None and row["kl_to_base"] >= 0.0, row
     assert math.isfinite(results["validation"]["top_effect"])
     assert comparison_table(results["variants"]) in (out / "report.md").read_text()
+
+
+def _tiny_model_with_real_tokenizer(folder: Path) -> Path:
+    """A 2-layer random Llama that speaks the embedded model's tokenizer, saved as a local model folder."""
+    import torch
+    import transformers
+
+    from mi_peft.models import resolve
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(None))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_budget_sweep_with_seeds_at_tiny_size(tmp_path):
+    """`--budgets` and `--seeds`: located, random and matched LoRA at each budget, seeds pooled, Pareto plot."""
+    raw = {**SHORT, "model": str(_tiny_model_with_real_tokenizer(tmp_path / "tiny")), "name": "sweep"}
+    raw["steer"] = {"layers": "0-1", "alphas": [0, 2], "val_prompts": 2}
+    raw["train"] = {**SHORT["train"], "kinds": ["neurons"]}
+    raw["data"] = {k: v for k, v in SHORT["data"].items() if k != "dpo"}
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--budgets", "0.0002,0.0006", "--seeds", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 2 * (2 * 3 + 1)  # 2 seeds x (2 budgets x located/random/matched + LoRA r=8)
+    trained = [r for r in results["variants"] if r["adapter"] in ("located", "random", "lora_matched")]
+    assert sorted({r["budget"] for r in trained}) == [0.0002, 0.0006]
+    for row in trained:
+        assert row["seeds"] == 2 and row["target_n"] == 4  # 2 prompts x 2 seeds pooled
+        assert 0.0 <= row["target_low"] <= row["target"] <= row["target_high"] <= 1.0
+    small, large = (
+        next(r for r in trained if r["adapter"] == "located" and r["budget"] == b) for b in (0.0002, 0.0006)
+    )
+    assert small["trainable_params"] < large["trainable_params"]
+    located_runs = [r for r in results["runs"] if r["adapter"] == "located" and r["budget"] == 0.0002]
+    assert len({r["trainable_params"] for r in located_runs}) == 1  # the located selection does not change with seed
+    assert [v["budget"] for v in results["verdicts"]] == [0.0002, 0.0006]
+    assert (out / "plots" / "budget_pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_budgets_fail_before_any_model_loads(tmp_path, monkeypatch):
+    import mi_peft.pipeline as pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    recipe = tmp_path / "short.yaml"
+    recipe.write_text(yaml.safe_dump(SHORT))
+    with pytest.raises(ValueError, match="budget is a fraction"):
+        pipeline.run_recipe(recipe, budgets=[0.001, 2.5])
+    with pytest.raises(ValueError, match="`--seeds` must be a positive integer"):
+        pipeline.run_recipe(recipe, seeds=0)
+    with pytest.raises(SystemExit):  # argparse rejects an unreadable list
+        main(["run", str(recipe), "--budgets", "0.001,x"])

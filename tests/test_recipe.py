@@ -108,3 +108,16 @@ def test_parse_layers():
     assert parse_layers(None) is None
     with pytest.raises(ValueError, match="cannot parse layers"):
         parse_layers("a-b")
+
+
+def test_settings_override_fields_and_are_validated(tmp_path):
+    path = _write(tmp_path, _base())
+    recipe = load_recipe(path, ["evaluate.piqa_n=7", "train.param_budgets=[0.001, 0.002]", "train.seeds=2"])
+    assert recipe.evaluate.piqa_n == 7 and recipe.train.param_budgets == (0.001, 0.002) and recipe.train.seeds == 2
+    with pytest.raises(ValueError, match=r"`train.seeds` must be a positive integer"):
+        load_recipe(path, ["train.seeds=0"])
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['stepz'\] in `train`"):
+        load_recipe(path, ["train.stepz=3"])
+    for bad in ("train.steps", "steps=3", "colour.red=1", "train..steps=1"):
+        with pytest.raises(ValueError, match="use SECTION.FIELD=VALUE"):
+            load_recipe(path, [bad])

@@ -1,0 +1,111 @@
+"""From per-seed rows to the numbers a report states: means, spreads, Wilson intervals, verdicts.
+
+A rate's interval pools every seed's prompts (``successes / (n x seeds)``), so it is the interval of
+the evaluation sample; the standard deviation across seeds shows the training noise beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .scoring import is_missing
+from .stats import intervals_overlap, mean_std, wilson_interval
+
+RATES = ("target", "side")
+AVERAGED = (
+    "target",
+    "side",
+    "kl_to_base",
+    "piqa",
+    "blimp",
+    "perplexity",
+    "degenerate",
+    "duplicates",
+    "distinct_2",
+    "train_seconds",
+    "trainable_params",
+    "trainable_pct",
+    "adapter_bytes",
+    "margin",
+)
+
+
+def _pooled_interval(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float] | None:
+    counted = [r for r in rows if not is_missing(r.get(key)) and r.get(f"{key}_n")]
+    if not counted:
+        return None
+    successes = sum(round(r[key] * r[f"{key}_n"]) for r in counted)
+    return wilson_interval(successes, sum(int(r[f"{key}_n"]) for r in counted))
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several seeds of one variant: means, ``*_std`` across seeds, pooled ``*_low``/``*_high``."""
+    out = dict(rows[0])
+    for key in AVERAGED:
+        values = [r[key] for r in rows if key in r and not is_missing(r[key])]
+        if values:
+            out[key], out[f"{key}_std"] = mean_std([float(v) for v in values])
+    for key in RATES:
+        interval = _pooled_interval(rows, key)
+        if interval is not None:
+            out[f"{key}_low"], out[f"{key}_high"] = interval
+            out[f"{key}_n"] = sum(int(r[f"{key}_n"]) for r in rows)
+    out["seeds"] = len(rows)
+    out.pop("seed", None)
+    return out
+
+
+def summarize_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group per-seed rows by ``(variant, budget)`` in first-seen order and summarize each group."""
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in runs:
+        groups.setdefault((row["variant"], row.get("budget")), []).append(row)
+    return [summarize(rows) for rows in groups.values()]
+
+
+def _find(rows: Sequence[dict[str, Any]], adapter: str, method: str, budget: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if row.get("adapter") == adapter and row.get("method") == method and row.get("budget") == budget:
+            return row
+    return None
+
+
+def _interval(row: dict[str, Any], key: str) -> tuple[float, float] | None:
+    if f"{key}_low" not in row:
+        return None
+    return row[f"{key}_low"], row[f"{key}_high"]
+
+
+def _net(row: dict[str, Any]) -> float:
+    """Target minus side (side counts 0 where the recipe has none)."""
+    return row["target"] - (0.0 if is_missing(row.get("side")) else row["side"])
+
+
+def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget: located vs random (target, side, separated intervals) and located vs matched LoRA (net)."""
+    out = []
+    budgets = list(dict.fromkeys(r.get("budget") for r in summary if r.get("adapter") == "located"))
+    for budget in budgets:
+        located = _find(summary, "located", "sft", budget)
+        if located is None:
+            continue
+        verdict: dict[str, Any] = {"budget": budget, "located_target": located["target"], "located_net": _net(located)}
+        random = _find(summary, "random", "sft", budget)
+        if random is not None:
+            a, b = _interval(located, "target"), _interval(random, "target")
+            verdict.update(
+                random_target=random["target"],
+                target_gain_over_random=located["target"] - random["target"],
+                side_change_over_random=(
+                    None
+                    if is_missing(located.get("side")) or is_missing(random.get("side"))
+                    else located["side"] - random["side"]
+                ),
+                separated_from_random=None if a is None or b is None else not intervals_overlap(a, b),
+            )
+        lora = _find(summary, "lora_matched", "sft", budget)
+        if lora is not None:
+            verdict.update(lora_net=_net(lora), net_gain_over_matched_lora=_net(located) - _net(lora))
+        out.append(verdict)
+    return out
