@@ -1,0 +1,58 @@
+"""Seeds pooled into one row per variant; located-vs-random verdicts from the pooled intervals."""
+
+import math
+
+import pytest
+
+from mi_peft.aggregate import summarize, summarize_runs, verdicts
+from mi_peft.stats import wilson_interval
+
+
+def _row(adapter, seed, target, side, budget=0.001, n=50):
+    return {
+        "variant": adapter,
+        "adapter": adapter,
+        "method": "sft",
+        "budget": budget,
+        "seed": seed,
+        "target": target,
+        "target_n": n,
+        "side": side,
+        "side_n": n,
+        "kl_to_base": 0.1 * seed,
+    }
+
+
+def test_summarize_pools_seeds():
+    rows = [_row("located", 0, 0.8, 0.1), _row("located", 1, 0.9, 0.2), _row("located", 2, 1.0, 0.0)]
+    out = summarize(rows)
+    assert out["seeds"] == 3 and "seed" not in out
+    assert out["target"] == pytest.approx(0.9) and out["target_std"] == pytest.approx(0.1)
+    assert out["target_n"] == 150
+    assert (out["target_low"], out["target_high"]) == pytest.approx(wilson_interval(135, 150))
+    assert out["kl_to_base"] == pytest.approx(0.1) and out["kl_to_base_std"] == pytest.approx(0.1)
+
+
+def test_single_seed_has_no_spread():
+    out = summarize([_row("located", 0, 0.5, 0.5)])
+    assert math.isnan(out["target_std"]) and (out["target_low"], out["target_high"]) == wilson_interval(25, 50)
+
+
+def test_verdicts_compare_located_random_and_matched_lora():
+    runs = [_row("located", s, 0.9, 0.1) for s in range(3)]
+    runs += [_row("random", s, 0.5, 0.1) for s in range(3)]
+    runs += [_row("lora_matched", s, 0.8, 0.3) for s in range(3)]
+    runs += [_row("located", s, 0.6, 0.1, budget=0.0001) for s in range(3)]
+    runs += [_row("random", s, 0.55, 0.1, budget=0.0001) for s in range(3)]
+    summary = summarize_runs(runs)
+    assert [(r["adapter"], r["budget"]) for r in summary] == [
+        ("located", 0.001),
+        ("random", 0.001),
+        ("lora_matched", 0.001),
+        ("located", 0.0001),
+        ("random", 0.0001),
+    ]
+    first, second = verdicts(summary)
+    assert first["target_gain_over_random"] == pytest.approx(0.4) and first["separated_from_random"] is True
+    assert first["net_gain_over_matched_lora"] == pytest.approx(0.8 - 0.5)
+    assert second["budget"] == 0.0001 and second["separated_from_random"] is False and "lora_net" not in second
