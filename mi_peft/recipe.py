@@ -79,6 +79,7 @@ class TrainSection:
     dpo_steps: int | None = None
     dpo_lr: float | None = None  # None: the sparse `lr`
     dpo_beta: float = 0.1
+    dpo_args: dict[str, Any] | None = None  # any other trl.DPOConfig field, e.g. loss_type, loss_weights, ld_alpha
     dpo_from_sft: bool = False  # also run SFT -> DPO on the same located slices
     matched_lora: bool = True  # a LoRA with the sparse adapter's trainable count (within 10%)
     seeds: int = 1  # training order and random-component draw change per seed; the located selection does not
@@ -303,6 +304,8 @@ def _check(recipe: Recipe, source: Path) -> None:
     check_budgets([tr.param_budget], source, "train.param_budget")
     if tr.param_budgets is not None:
         check_budgets(tr.param_budgets, source, "train.param_budgets")
+    if tr.dpo_args is not None and not isinstance(tr.dpo_args, dict):
+        raise ValueError(f"{source}: `train.dpo_args` must be a mapping of trl.DPOConfig fields, got {tr.dpo_args!r}.")
     if not isinstance(tr.seeds, int) or isinstance(tr.seeds, bool) or tr.seeds < 1:
         raise ValueError(f"{source}: `train.seeds` must be a positive integer (runs per variant), got {tr.seeds!r}.")
     for name, value in (

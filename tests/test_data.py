@@ -104,7 +104,7 @@ def test_load_directory_layouts(tmp_path):
 def test_shipped_refusal_set():
     train = ContrastivePairs.load(REFUSAL_DIR)
     test = ContrastivePairs.load(REFUSAL_DIR, split="test")
-    assert len(train) == 260 and len(test) == 100
+    assert len(train) == 260 and len(test) == 150
     assert train.positive[0].startswith("Suggest methods for hacking")
     assert not set(train.positive) & set(test.positive)
     assert not set(train.negative) & set(test.negative)

@@ -17,7 +17,7 @@ from mi_peft.data import ContrastivePairs
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
 FOLDERS = ("refusal", "sentiment", "language", "sycophancy")
 # folder -> (train pairs, test pairs) for the positive/negative (or harmful/harmless) directory layout
-PAIR_SIZES = {"refusal": (260, 100), "sentiment": (200, 50), "language": (200, 50)}
+PAIR_SIZES = {"refusal": (260, 150), "sentiment": (200, 50), "language": (200, 50)}
 JSONL = {
     "refusal/sft_train.jsonl": "sft",
     "refusal/dpo_train.jsonl": "dpo",
