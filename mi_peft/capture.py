@@ -13,22 +13,36 @@ write into a module's output in place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .arch import ArchSpec, spec_for
+from .capture_sites import (
+    LayerSel,
+    Positions,
+    check_mask,
+    gather,
+    hooked,
+    position_index,
+    register_site_hook,
+    scatter,
+    selected_layers,
+    site_module,
+    squeeze_single,
+    unsqueeze_single,
+    unview_site,
+    view_site,
+)
 
 Kind = Literal["heads", "neurons", "residual"]
 KINDS: tuple[str, ...] = ("heads", "neurons", "residual")
-Positions = Union[Literal["last", "all", "mean"], Sequence[int], torch.Tensor]
 EditFn = Callable[[torch.Tensor], torch.Tensor]
-LayerSel = Union[bool, Iterable[int], None]
 
 
 @dataclass
@@ -56,116 +70,6 @@ class ActivationCache:
         if not by_layer:
             raise ValueError(f"nothing of kind {kind!r} was captured; pass `{kind}=True` to `record`.")
         return torch.stack([by_layer[k] for k in sorted(by_layer)], dim=1)
-
-
-def _layers(spec: ArchSpec, sel: LayerSel) -> list[int]:
-    if sel is None or sel is False:
-        return []
-    if sel is True:
-        return list(range(spec.n_layers))
-    layers = sorted({int(i) for i in sel})
-    for layer in layers:
-        spec.check_layer(layer)
-    return layers
-
-
-def _position_index(x: torch.Tensor, positions: Positions, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Per-row position indices ``[batch, k]`` for ``x`` ``[batch, pos, ...]``; None means all."""
-    batch, seq = x.shape[0], x.shape[1]
-    if isinstance(positions, str):
-        if positions == "all":
-            return None
-        if positions == "last":
-            if attention_mask is None:
-                return torch.full((batch, 1), seq - 1, device=x.device)
-            mask = _check_mask(attention_mask, x)
-            ar = torch.arange(seq, device=x.device)
-            return (mask * ar).argmax(-1, keepdim=True)
-        raise ValueError(f"`positions` must be 'last', 'all', 'mean' or a list of indices, got {positions!r}.")
-    idx = torch.as_tensor(positions, dtype=torch.long, device=x.device)
-    if idx.numel() == 0:
-        raise ValueError(f"empty position set: pass at least one position in 0..{seq - 1} (or 'last'/'all'/'mean').")
-    if idx.min() < -seq or idx.max() >= seq:
-        raise ValueError(f"position index out of range: sequence has positions 0..{seq - 1} (or -{seq}..-1).")
-    idx = idx % seq
-    return idx.expand(batch, -1) if idx.dim() == 1 else idx
-
-
-def _check_mask(attention_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if attention_mask.shape != x.shape[:2]:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} does not match the hooked sequence "
-            f"{tuple(x.shape[:2])}; pass the mask of the batch you run."
-        )
-    return attention_mask.to(x.device, x.dtype if x.is_floating_point() else torch.float32)
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]
-    return x[rows, idx]
-
-
-def _scatter(x: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
-    if idx is None:
-        return values
-    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
-    return x.index_put((rows, idx), values.to(x.dtype))
-
-
-def _squeeze_single(values: torch.Tensor, positions: Positions) -> torch.Tensor:
-    return values[:, 0] if isinstance(positions, str) and positions == "last" else values
-
-
-def _unsqueeze_single(values: torch.Tensor, positions: Positions) -> torch.Tensor:
-    return values[:, None] if isinstance(positions, str) and positions == "last" else values
-
-
-# ---- hook plumbing ------------------------------------------------------------------------
-
-
-def _site_module(model: nn.Module, spec: ArchSpec, kind: str, layer: int) -> nn.Module:
-    if kind == "heads":
-        return spec.attn_out_module(model, layer)
-    if kind == "neurons":
-        return spec.mlp_out_module(model, layer)
-    return spec.decoder_layers(model)[layer]
-
-
-def _view(kind: str, spec: ArchSpec, x: torch.Tensor) -> torch.Tensor:
-    return x.unflatten(-1, (spec.n_heads, spec.head_dim)) if kind == "heads" else x
-
-
-def _unview(kind: str, x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(-2) if kind == "heads" else x
-
-
-def _register(module: nn.Module, kind: str, transform: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
-    """Hook ``module`` so that ``transform`` maps the site tensor to its replacement."""
-    if kind == "residual":
-
-        def post_hook(_mod, _args, output):
-            if isinstance(output, tuple):
-                return (transform(output[0]), *output[1:])
-            return transform(output)
-
-        return module.register_forward_hook(post_hook)
-
-    def pre_hook(_mod, args, kwargs):
-        if args:
-            return (transform(args[0]), *args[1:]), kwargs
-        key = next(iter(kwargs))
-        return args, {**kwargs, key: transform(kwargs[key])}
-
-    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-
-@contextmanager
-def _hooked(handles: list[RemovableHandle]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -206,33 +110,33 @@ def record(
 
     def make(kind: str, layer: int):
         def transform(x: torch.Tensor) -> torch.Tensor:
-            v = _view(kind, spec, x)
+            v = view_site(kind, spec, x)
             if isinstance(positions, str) and positions == "mean":
                 if attention_mask is None:
                     cache[kind][layer] = v.mean(1).detach()
                 else:
-                    m = _check_mask(attention_mask, v)
+                    m = check_mask(attention_mask, v)
                     m = m.reshape(*m.shape, *([1] * (v.dim() - 2)))
                     cache[kind][layer] = ((v * m).sum(1) / m.sum(1).clamp_min(1)).detach()
                 return x
-            idx = _position_index(v, positions, attention_mask)
-            picked = v if idx is None else _gather(v, idx)
+            idx = position_index(v, positions, attention_mask)
+            picked = v if idx is None else gather(v, idx)
             if detach:
-                cache[kind][layer] = _squeeze_single(picked, positions).detach()
+                cache[kind][layer] = squeeze_single(picked, positions).detach()
                 return x
             # The cached tensor itself must feed the rest of the forward pass for its gradient to exist.
-            core = _squeeze_single(picked, positions)
+            core = squeeze_single(picked, positions)
             if not core.requires_grad:
                 core = core.detach().requires_grad_(True)
             cache[kind][layer] = core
-            return _unview(kind, _scatter(v, idx, _unsqueeze_single(core, positions)))
+            return unview_site(kind, scatter(v, idx, unsqueeze_single(core, positions)))
 
         return transform
 
     for kind, sel in (("heads", heads), ("neurons", neurons), ("residual", residual)):
-        for layer in _layers(spec, sel):
-            handles.append(_register(_site_module(model, spec, kind, layer), kind, make(kind, layer)))
-    with _hooked(handles):
+        for layer in selected_layers(spec, sel):
+            handles.append(register_site_hook(site_module(model, spec, kind, layer), kind, make(kind, layer)))
+    with hooked(handles):
         yield cache
 
 
@@ -256,10 +160,10 @@ def edit(
             spec.check_layer(layer)
 
             def transform(x, kind=kind, fn=fn):
-                return _unview(kind, fn(_view(kind, spec, x)))
+                return unview_site(kind, fn(view_site(kind, spec, x)))
 
-            handles.append(_register(_site_module(model, spec, kind, layer), kind, transform))
-    with _hooked(handles):
+            handles.append(register_site_hook(site_module(model, spec, kind, layer), kind, transform))
+    with hooked(handles):
         yield
 
 
@@ -289,10 +193,10 @@ def _positional(
     def apply(x: torch.Tensor) -> torch.Tensor:
         if isinstance(positions, str) and positions == "mean":
             raise ValueError("interventions need concrete positions ('last', 'all' or indices), not 'mean'.")
-        idx = _position_index(x, positions, attention_mask)
+        idx = position_index(x, positions, attention_mask)
         if idx is None:
             return fn(x)
-        return _scatter(x, idx, fn(_gather(x, idx)))
+        return scatter(x, idx, fn(gather(x, idx)))
 
     return apply
 
@@ -396,7 +300,7 @@ def patch(
         value = source[kind].get(layer)
         if value is None:
             raise ValueError(f"`source` has no {kind} for layer {layer}; record them before patching.")
-        return _unsqueeze_single(value.detach(), source.positions)
+        return unsqueeze_single(value.detach(), source.positions)
 
     for kind, sel in (("heads", heads), ("neurons", neurons)):
         where = _component_axis(kind)

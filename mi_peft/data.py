@@ -14,29 +14,47 @@ by ``positive_key``, ``negative_key``, ``prompt_key``), or a **directory** holdi
 read at ``text_key`` (default ``"instruction"``). In a directory, ``split="test"`` reads ``<name>_test.json``
 instead, and a ``prompts.json`` beside them selects completion mode. ``recipes/data/refusal`` uses this layout.
 
-Prompts get the tokenizer's chat template (``add_generation_prompt=True``) when it has one. Batches are
-LEFT-padded here (``pad_token_id``, else ``eos_token_id``, else 0), so position ``-1`` is every row's last
-real token; the tokenizer itself is never modified (no ``padding_side`` or ``pad_token`` change).
+This module is also the package's one prompt formatter and padder (locate, steering calibration, the
+logit lens and evaluation all call it): :func:`format_prompts` applies the chat template
+(``add_generation_prompt=True``) when the tokenizer has one; :func:`encode` adds BOS unless the text
+already starts with it; :func:`pad` pads token lists (``pad_token_id``, else ``eos_token_id``, else 0)
+and :func:`position_ids` counts positions over real tokens. Batches of :func:`tokenize` and
+:meth:`ContrastivePairs.batches` are LEFT-padded, so position ``-1`` is every row's last real token, and carry
+``position_ids``; the tokenizer itself is never modified (no ``padding_side`` or ``pad_token`` change).
+File reading lives in :mod:`mi_peft.data_files`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import random
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
-DIRECTORY_LAYOUTS: tuple[tuple[str, str], ...] = (("positive", "negative"), ("harmful", "harmless"))
-_SUFFIXES = (".json", ".jsonl")
+from .data_files import as_texts, columns_of, read_directory, read_file, read_rows, read_texts
+
+__all__ = [
+    "ContrastivePairs",
+    "check_positive",
+    "check_texts",
+    "encode",
+    "format_prompts",
+    "left_padded_batch",
+    "pad",
+    "pad_id",
+    "position_ids",
+    "read_rows",
+    "read_texts",
+    "tokenize",
+]
+
+Side = Literal["left", "right"]
 
 
 @dataclass
@@ -65,8 +83,8 @@ class ContrastivePairs:
     system: str | None = None
 
     def __post_init__(self) -> None:
-        self.positive, self.negative = _as_texts(self.positive, "positive"), _as_texts(self.negative, "negative")
-        self.prompts = None if self.prompts is None else _as_texts(self.prompts, "prompts")
+        self.positive, self.negative = as_texts(self.positive, "positive"), as_texts(self.negative, "negative")
+        self.prompts = None if self.prompts is None else as_texts(self.prompts, "prompts")
         n_pos, n_neg = len(self.positive), len(self.negative)
         if n_pos == n_neg == 0:
             raise ValueError("no contrastive pairs: `positive` and `negative` are empty; pass at least one text each.")
@@ -113,10 +131,10 @@ class ContrastivePairs:
                 raise ValueError(f"data path {str(path)!r} does not exist.")
             if split is not None and not path.is_dir():
                 raise ValueError(f"`split={split!r}` only applies to a directory source, got the file {str(path)!r}.")
-            where, table = str(path), _read_directory(path, text_key, split) if path.is_dir() else _read_file(path)
+            where, table = str(path), read_directory(path, text_key, split) if path.is_dir() else read_file(path)
             if path.is_dir():
                 keys = ["positive", "negative"] + (["prompts"] if "prompts" in table else [])
-        columns = {k: _as_texts(v, k) for k, v in _columns(table, where, keys).items()}
+        columns = {k: as_texts(v, k) for k, v in columns_of(table, where, keys).items()}
         prompts = columns[keys[2]] if len(keys) == 3 else None
         pairs = cls(columns[keys[0]], columns[keys[1]], prompts=prompts, system=system)
         _require_nonempty(pairs, where)
@@ -159,7 +177,7 @@ class ContrastivePairs:
 
     def subset(self, n: int, seed: int = 0) -> ContrastivePairs:
         """``n`` pairs drawn without replacement (deterministic in ``seed``), in their original order."""
-        _check_positive(n, "n")
+        check_positive(n, "n")
         if n > len(self):
             raise ValueError(f"`n` must be at most the number of pairs ({len(self)}), got {n}.")
         return self._take(sorted(random.Random(seed).sample(range(len(self)), n)))
@@ -192,8 +210,8 @@ class ContrastivePairs:
         and concatenated, so the completion boundary is exact.
         """
         _require_nonempty(self, "batches")
-        _check_positive(batch_size, "batch_size")
-        _check_positive(max_length, "max_length", optional=True)
+        check_positive(batch_size, "batch_size")
+        check_positive(max_length, "max_length", optional=True)
         heads = None if self.prompts is None else format_prompts(tokenizer, self.prompts, chat=chat, system=self.system)
         sides = self.format(tokenizer, chat=chat) if heads is None else (self.positive, self.negative)
         for start in range(0, len(self), batch_size):
@@ -212,7 +230,7 @@ def format_prompts(
     ``chat=None`` uses the template when the tokenizer has one; ``chat=True`` requires one; ``chat=False``
     gives plain text (``system``, a blank line, then the prompt, when a system message is set).
     """
-    prompts = _as_texts(prompts, "prompts")
+    prompts = as_texts(prompts, "prompts")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use_chat = has_template if chat is None else bool(chat)
     if use_chat and not has_template:
@@ -234,180 +252,114 @@ def format_prompts(
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None = None) -> dict[str, Tensor]:
     """Left-padded ``input_ids``, ``attention_mask`` and ``position_ids`` for ``texts``.
 
-    Special tokens (e.g. BOS) are added unless the text already starts with the BOS string (as a
-    chat-formatted text usually does). Texts longer than ``max_length`` keep their LAST ``max_length``
-    tokens, since metrics read the end.
+    Tokens follow :func:`encode`'s BOS rule; ``position_ids`` come from :func:`position_ids`, so every
+    real token gets the position it has without padding. Texts longer than ``max_length`` keep their LAST
+    ``max_length`` tokens, since metrics read the end.
     """
-    texts = _as_texts(texts, "texts")
-    if not texts:
-        raise ValueError("`texts` is empty; nothing to tokenize.")
-    _check_positive(max_length, "max_length", optional=True)
+    texts = check_texts(texts, "texts")
+    check_positive(max_length, "max_length", optional=True)
     return _encode_batch(tokenizer, None, texts, max_length)
+
+
+def encode(tokenizer: Any, text: str, special: bool = True) -> list[int]:
+    """Token ids of ``text``, with the package's one BOS rule.
+
+    Special tokens (BOS) are added unless ``special`` is False or the text already starts with the BOS
+    string: a chat-formatted text carries its own BOS when the template writes one, so adding another
+    would double it, while plain text gets the tokenizer's usual special tokens.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add = special and not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id written into padding slots (masked out, so any id works): pad, else EOS, else 0."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_token_id: int, side: Side) -> tuple[Tensor, Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[batch, max_len]`` with padding on ``side``.
+
+    Padding is built from token lists, so the tokenizer is never modified. LEFT padding puts every row's
+    last real token at position ``-1`` (generation, last-token reads; pass :func:`position_ids` too);
+    RIGHT padding leaves a causal model's computation of every real token unchanged (teacher forcing).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"`side` must be 'left' or 'right', got {side!r}.")
+    lengths = [len(s) for s in seqs]
+    if not lengths or min(lengths) == 0:
+        where = "the batch is empty" if not lengths else f"text {lengths.index(0)} of the batch encodes to no tokens"
+        raise ValueError(f"{where}; pass non-empty texts.")
+    width = max(lengths)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        input_ids[row, cols] = torch.tensor(list(s), dtype=torch.long)
+        attention_mask[row, cols] = 1
+    return input_ids, attention_mask
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens (``0`` on padding): a left-padded row sees the positions it has alone.
+
+    Models with absolute position embeddings (GPT-2) otherwise shift every real token of a left-padded row.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_padded_batch(tokenizer: Any, seqs: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` of token lists padded on the left."""
+    input_ids, attention_mask = pad(seqs, pad_id(tokenizer), side="left")
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
 
 
 def _encode_batch(
     tokenizer: Any, heads: Sequence[str] | None, texts: Sequence[str], max_length: int | None
 ) -> dict[str, Tensor]:
     """Left-padded batch of ``texts`` (prompt mode) or of ``heads[i] + texts[i]`` with a completion mask."""
-    seqs = [_encode(tokenizer, t, special=heads is None) for t in texts]
+    seqs = [encode(tokenizer, t, special=heads is None) for t in texts]
     empty = [t for t, ids in zip(texts, seqs, strict=True) if not ids]
     if empty:
         raise ValueError(f"texts {empty[:3]!r} encode to no tokens; pass non-empty texts (and completions).")
     marks = None
     if heads is not None:
-        prefix = [_encode(tokenizer, h, special=True) for h in heads]
+        prefix = [encode(tokenizer, h) for h in heads]
         marks = [[0] * len(p) + [1] * len(c) for p, c in zip(prefix, seqs, strict=True)]
         seqs = [p + c for p, c in zip(prefix, seqs, strict=True)]
     if max_length is not None:
         seqs = [ids[-max_length:] for ids in seqs]
         marks = None if marks is None else [m[-max_length:] for m in marks]
-    pad_id = next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if isinstance(v, int)), 0)
-    attention_mask = _pad_left([[1] * len(s) for s in seqs], 0)
-    batch = {
-        "input_ids": _pad_left(seqs, pad_id),
-        "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-    }
+    batch = left_padded_batch(tokenizer, seqs)
     if marks is not None:
-        batch["completion_mask"] = _pad_left(marks, 0)
+        batch["completion_mask"] = pad(marks, 0, side="left")[0]
     return batch
 
 
-def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
-    """Token ids; special tokens are added unless ``special`` is False or the text starts with the BOS string."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return list(tokenizer(text, add_special_tokens=special and not (bos and text.startswith(bos)))["input_ids"])
+def check_texts(values: Any, name: str) -> list[str]:
+    """``values`` as a non-empty list of strings, or a ValueError naming the bad entry."""
+    values = as_texts(values, name)
+    if not values:
+        raise ValueError(f"`{name}` is empty; pass at least one string.")
+    return values
 
 
-def _pad_left(rows: list[list[int]], value: int) -> Tensor:
-    flipped = [torch.tensor(r[::-1], dtype=torch.long) for r in rows]
-    return pad_sequence(flipped, batch_first=True, padding_value=value).flip(-1)
-
-
-def _check_positive(value: Any, name: str, optional: bool = False) -> None:
+def check_positive(value: Any, name: str, optional: bool = False) -> Any:
+    """``value`` if it is a positive int (or None when ``optional``), else a ValueError naming ``name``."""
     if optional and value is None:
-        return
+        return value
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer{' or None' if optional else ''}, got {value!r}.")
+    return value
 
 
 def _require_nonempty(pairs: ContrastivePairs, where: str) -> None:
     if len(pairs) == 0:
         raise ValueError(f"no contrastive pairs ({where}): positive and negative are empty; provide at least one pair.")
-
-
-def _as_texts(values: Any, name: str) -> list[str]:
-    if isinstance(values, str) or not isinstance(values, Sequence):
-        raise ValueError(f"`{name}` must be a list of strings, got {type(values).__name__}.")
-    for i, v in enumerate(values):
-        if not isinstance(v, str):
-            raise ValueError(f"`{name}`[{i}] must be a string, got {type(v).__name__} ({v!r}).")
-    return list(values)
-
-
-def _is_dataset(source: Any) -> bool:
-    if "datasets" not in sys.modules:  # a Dataset object implies the module is loaded; avoid the import cost
-        return False
-    import datasets
-
-    if isinstance(source, datasets.DatasetDict):
-        raise ValueError(f"got a DatasetDict with splits {list(source)}; pass one split, e.g. `dataset['train']`.")
-    return isinstance(source, datasets.Dataset)
-
-
-def _columns(source: Any, where: str, keys: Sequence[str]) -> dict[str, list[Any]]:
-    """The ``keys`` columns of rows (list of dicts), columns (dict of lists) or a ``datasets.Dataset``."""
-    if _is_dataset(source):
-        present = list(source.column_names)
-    elif isinstance(source, Mapping):
-        if not all(isinstance(v, Sequence) and not isinstance(v, str) for v in source.values()):
-            raise ValueError(f"{where}: a dict source must map column names to lists; got keys {sorted(source)}.")
-        present = list(source)
-    elif isinstance(source, Sequence) and not isinstance(source, str):
-        if not source:
-            raise ValueError(f"{where} holds no rows; provide at least one pair.")
-        bad = next((i for i, row in enumerate(source) if not isinstance(row, Mapping)), None)
-        if bad is not None:
-            raise ValueError(f"{where}: row {bad} must be a dict of columns, got {type(source[bad]).__name__}.")
-        present = sorted({k for row in source for k in row})
-        source = {k: [row.get(k) for row in source] for k in keys if k in present}  # a gap fails in _as_texts
-    else:
-        raise ValueError(
-            f"cannot load contrastive pairs from {type(source).__name__}; pass a list of dicts, a dict of lists, "
-            "a path (.json, .jsonl, .csv, .tsv or a directory) or a datasets.Dataset."
-        )
-    for key in keys:
-        if key not in present:
-            raise ValueError(
-                f"column {key!r} not found in {where}; columns present: {sorted(present)}. "
-                "Pass `positive_key=`, `negative_key=` (and `prompt_key=`) naming existing columns."
-            )
-    return {k: list(source[k]) for k in keys}
-
-
-def _read_file(path: Path) -> Any:
-    """Parsed content of a .json (any JSON), .jsonl (list of rows), .csv/.tsv (list of row dicts) file."""
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        return _parse_json(path.read_text(encoding="utf-8"), repr(str(path)))
-    if suffix == ".jsonl":
-        lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
-        return [_parse_json(line, f"{str(path)!r} line {n}") for n, line in lines if line.strip()]
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    raise ValueError(
-        f"unsupported file type {suffix!r} for {str(path)!r}; use .json, .jsonl, .csv, .tsv or a directory."
-    )
-
-
-def _parse_json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not valid JSON: {err}.") from err
-
-
-def _find(folder: Path, stem: str) -> Path | None:
-    return next((folder / f"{stem}{s}" for s in _SUFFIXES if (folder / f"{stem}{s}").is_file()), None)
-
-
-def read_rows(path: str | Path) -> list[Any]:
-    """Rows of a .json (list), .jsonl, .csv or .tsv file (e.g. A/B items or held-out prompts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
-    rows = _read_file(path)
-    if not isinstance(rows, list):
-        raise ValueError(f"{str(path)!r} must hold a list of strings or of rows, got {type(rows).__name__}.")
-    return rows
-
-
-def read_texts(path: str | Path, text_key: str = "instruction") -> list[str]:
-    """Prompts from a file of strings or of rows (read at ``text_key``)."""
-    rows = read_rows(path)
-    for i, row in enumerate(rows):
-        if isinstance(row, Mapping) and text_key not in row:
-            raise ValueError(
-                f"{str(path)!r} row {i} has no column {text_key!r}; columns present: {sorted(row)}. "
-                "Pass `text_key=` naming the text column."
-            )
-    return _as_texts([row[text_key] if isinstance(row, Mapping) else row for row in rows], str(path))
-
-
-def _read_directory(folder: Path, text_key: str, split: str | None) -> dict[str, list[str]]:
-    """Columns ``positive``, ``negative`` (and ``prompts``) from a directory of per-side files."""
-    tag = "" if split is None else f"_{split}"
-    for pos_name, neg_name in DIRECTORY_LAYOUTS:
-        pos, neg = _find(folder, pos_name + tag), _find(folder, neg_name + tag)
-        if pos is None and neg is None:
-            continue
-        if pos is None or neg is None:
-            missing = f"{pos_name if pos is None else neg_name}{tag}.json"
-            raise ValueError(f"{str(folder)!r} has {(pos or neg).name} but no {missing}; both sides are needed.")
-        table = {"positive": read_texts(pos, text_key), "negative": read_texts(neg, text_key)}
-        prompts = _find(folder, "prompts" + tag)
-        return table if prompts is None else {**table, "prompts": read_texts(prompts, text_key)}
-    expected = " or ".join(f"{p}{tag}.json + {n}{tag}.json" for p, n in DIRECTORY_LAYOUTS)
-    present = sorted(p.name for p in folder.iterdir())
-    raise ValueError(f"directory {str(folder)!r} holds no {expected} (.jsonl also accepted); files present: {present}.")

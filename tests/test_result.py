@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from mi_peft import _io as io_mod
 from mi_peft.arch import spec_for
 from mi_peft.components import ComponentSet, Head, Neuron
 from mi_peft.fingerprint import FingerprintMismatchError
-from mi_peft.locate import result as result_mod
 from mi_peft.locate.result import LocalizationResult, count_parameters
 
 
@@ -245,14 +245,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(result_mod, "save_file", broken_save_file)
+    monkeypatch.setattr(io_mod, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         result.save(tmp_path / "res")
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp folder
     monkeypatch.undo()
     result.save(tmp_path / "res")
     before = LocalizationResult.load(tmp_path / "res").scores["heads"].clone()
-    monkeypatch.setattr(result_mod, "save_file", broken_save_file)
+    monkeypatch.setattr(io_mod, "save_file", broken_save_file)
     result.scores["heads"] += 1
     with pytest.raises(OSError):
         result.save(tmp_path / "res")

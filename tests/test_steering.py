@@ -380,7 +380,7 @@ def test_config_without_directions_refuses_to_run():
 def test_refusal_direction_steering_shifts_first_token_toward_refusal(embedded):
     """Diff-in-means refusal direction (8 harmful vs 8 harmless prompts) added at layers 8-19 makes the
     first answer token of held-out harmless prompts lean from "Sure"/"Here" toward "I"/"Sorry"."""
-    from mi_peft.tuners.steering.condition import format_prompts, left_padded_batch
+    from mi_peft.data import format_prompts, tokenize
 
     model, tok = embedded
     data = shared_data("refusal_direction")
@@ -388,7 +388,8 @@ def test_refusal_direction_steering_shifts_first_token_toward_refusal(embedded):
 
     def batch(name, start):
         rows = json.loads(Path(data, name).read_text())[start : start + n]
-        return left_padded_batch(tok, format_prompts(tok, [row["instruction"] for row in rows]), chat=True)
+        encoded = tokenize(tok, format_prompts(tok, [row["instruction"] for row in rows]))
+        return encoded["input_ids"], encoded["attention_mask"]
 
     means = {}
     for name in ("harmful_train.json", "harmless_train.json"):

@@ -15,8 +15,6 @@ layer that has no bias of its own (e.g. Llama's ``o_proj``).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from peft.utils import resolve_quantization_backend
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .._io import write_folder_atomically
 from ..arch import ArchSpec, spec_for
 from ..fingerprint import check_fingerprint
 from ..tuners.sparse.config import ModuleSlices, SparseConfig, arch_record, spec_from_arch
@@ -187,17 +186,10 @@ def _base_weight(model: nn.Module, name: str, slices: ModuleSlices) -> Tensor | 
 
 
 def _write_folder(out_dir: Path, config: LoraConfig, tensors: dict[str, Tensor]) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` all-or-nothing."""
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
-    try:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` all-or-nothing (see ``mi_peft._io``)."""
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(str(folder))
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+    return write_folder_atomically(out_dir, write)

@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__, capture
-from .._io import write_folder_atomically
+from .._io import load_tensors_folder, save_tensors_folder
 from ..arch import spec_for
 from ..fingerprint import check_fingerprint, fingerprints_match, model_fingerprint
+from .probes import fit_logistic, logistic_accuracy
 
 Method = Literal["mean_diff", "pca", "probe"]
 METHODS: tuple[str, ...] = ("mean_diff", "pca", "probe")
@@ -203,13 +202,8 @@ class Directions:
             "version": __version__,
             "extra": self.extra,
         }
-
-        def write(folder: Path) -> None:
-            tensors = {f"direction.{layer}": v for layer, v in self.vectors.items()}
-            save_file(tensors, str(folder / VECTORS_FILE), metadata={"format": "pt"})
-            (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-        write_folder_atomically(path, write, {VECTORS_FILE, META_FILE})
+        tensors = {f"direction.{layer}": v for layer, v in self.vectors.items()}
+        save_tensors_folder(path, VECTORS_FILE, tensors, META_FILE, meta)
 
     @classmethod
     def load(
@@ -217,14 +211,9 @@ class Directions:
     ) -> Directions:
         """Read saved directions; with ``model``, refuse another base model (``FingerprintMismatchError``)."""
         folder = Path(path)
-        for file in (folder, folder / META_FILE, folder / VECTORS_FILE):
-            if not file.exists():
-                raise FileNotFoundError(f"{file} does not exist; expected a folder written by `Directions.save`.")
-        meta = json.loads((folder / META_FILE).read_text())
-        if meta.get("format") != "mi_peft.Directions" or meta.get("format_version", 0) > 1:
-            raise ValueError(f"{folder / META_FILE} is not a Directions file that mi-peft {__version__} can read.")
+        tensors, meta = load_tensors_folder(folder, VECTORS_FILE, META_FILE, "Directions", format_version=1)
         vectors = {}
-        for key, value in load_file(str(folder / VECTORS_FILE)).items():
+        for key, value in tensors.items():
             match = re.fullmatch(r"direction\.(\d+)", key)
             if match is None:
                 raise ValueError(f"unexpected tensor {key!r} in {folder / VECTORS_FILE}; expected 'direction.<layer>'.")
@@ -362,7 +351,7 @@ def _residuals(
 
 
 def _probe(pos: torch.Tensor, neg: torch.Tensor, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logistic regression per layer (batched over layers) on centred activations.
+    """Logistic regression per layer (:func:`fit_logistic`, batched over layers) on centred activations.
 
     Each layer is divided by ONE scale (its RMS), not per feature: per-feature standardisation would
     stretch the space and tilt the weight away from the direction the classes differ along.
@@ -370,23 +359,8 @@ def _probe(pos: torch.Tensor, neg: torch.Tensor, steps: int = 100) -> tuple[torc
     training accuracy per layer.
     """
     x = torch.cat([pos, neg]).double()
-    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])]).double()[:, None].expand(-1, x.shape[1])
+    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])])
     centred = x - x.mean(0)
     z = centred / centred.pow(2).mean(dim=(0, 2), keepdim=True).sqrt().clamp_min(1e-12)
-    w = torch.zeros(x.shape[1:], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logits = torch.einsum("nld,ld->nl", z, w) + b
-        loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(0).sum()
-        loss = loss + PROBE_L2 / 2 * (w**2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        accuracy = ((torch.einsum("nld,ld->nl", z, w) + b > 0).double() == y).double().mean(0)
-        return w.detach().float(), accuracy.float()
+    weight, bias = fit_logistic(z, y, l2=PROBE_L2, steps=steps)
+    return weight, logistic_accuracy(z, y, weight, bias)

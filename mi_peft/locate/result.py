@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from .._io import write_folder_atomically
+from .._io import load_tensors_folder, save_tensors_folder
 from ..arch import ArchSpec, _unwrap, spec_for
 from ..components import HEAD_MODES, NEURON_MODES, ComponentSet, check_mode, head_parameters, neuron_parameters
+from ..data import check_positive
 from ..fingerprint import _ADAPTER_TAGS, check_fingerprint, model_fingerprint
-from ._select import _candidates, _greedy_fixed, _greedy_qkvo, _order, _spearman
+from ._select import _candidates, _greedy_fixed, _greedy_qkvo, _order
+from .result_views import compare_results, plot_result, result_frame
 
 KINDS: tuple[str, ...] = ("heads", "neurons", "residual")
 SELECTABLE: tuple[str, ...] = ("heads", "neurons")
@@ -182,7 +183,7 @@ class LocalizationResult:
                 mine = cand.kind == i
                 taken |= mine & (mine.cumsum(0) <= limits[kind])
         elif top_k is not None:
-            _check_k(top_k, "top_k")
+            check_positive(top_k, "top_k")
             taken = torch.arange(cand.kind.numel()) < top_k
         elif threshold is not None:
             limits = _per_kind(threshold, kinds, "threshold", 0)
@@ -250,7 +251,7 @@ class LocalizationResult:
 
     def top(self, kind: str, k: int = 10) -> list[tuple[tuple[int, ...], float]]:
         """The ``k`` highest-``|score|`` entries of ``kind``: ``((layer, index), score)``, ``((layer,), score)`` for residual."""
-        _check_k(k, "k")
+        check_positive(k, "k")
         if kind not in self.scores:
             raise ValueError(f"this result has no {kind!r} scores; it has {self.kinds}.")
         flat = self.scores[kind].flatten()
@@ -267,12 +268,7 @@ class LocalizationResult:
             {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("scores", "spec")}
         )
         meta["spec"] = dataclasses.asdict(self.spec)
-
-        def write(folder: Path) -> None:
-            save_file(self.scores, str(folder / SCORES_FILE), metadata={"format": "pt"})
-            (folder / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-        write_folder_atomically(path, write, {SCORES_FILE, META_FILE})
+        save_tensors_folder(path, SCORES_FILE, self.scores, META_FILE, meta)
 
     @classmethod
     def load(
@@ -280,19 +276,10 @@ class LocalizationResult:
     ) -> LocalizationResult:
         """Read a saved result; with ``model``, a different base model raises ``FingerprintMismatchError``."""
         folder = Path(path)
-        for file in (folder, folder / META_FILE, folder / SCORES_FILE):
-            if not file.exists():
-                raise FileNotFoundError(
-                    f"{file} does not exist; expected a folder written by `LocalizationResult.save`."
-                )
-        meta = json.loads((folder / META_FILE).read_text())
-        if meta.get("format") != "mi_peft.LocalizationResult" or meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{folder / META_FILE} is not a LocalizationResult that mi-peft {__version__} can read.")
+        scores, meta = load_tensors_folder(folder, SCORES_FILE, META_FILE, "LocalizationResult", FORMAT_VERSION)
         spec = ArchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.pop("spec").items()})
         fields = {f.name for f in dataclasses.fields(cls)}
-        result = cls(
-            scores=load_file(str(folder / SCORES_FILE)), spec=spec, **{k: v for k, v in meta.items() if k in fields}
-        )
+        result = cls(scores=scores, spec=spec, **{k: v for k, v in meta.items() if k in fields})
         if model is not None:
             check_fingerprint(result.model_fingerprint, model, f"LocalizationResult {folder}", ignore_fingerprint)
             mine = spec_for(model)
@@ -300,64 +287,19 @@ class LocalizationResult:
                 raise ValueError(f"LocalizationResult {folder} was scored on a differently sized model than this one.")
         return result
 
-    # ---- inspection ----------------------------------------------------------------------
+    # ---- inspection (see result_views) -----------------------------------------------------
 
-    def to_frame(self):
+    def to_frame(self) -> Any:
         """Rows ``kind, layer, index, score, rank`` as a pandas DataFrame, or a list of dicts without pandas.
 
         ``rank`` is 0 for each kind's highest ``|score|`` and None when unscored; ``index`` is None
         for residual rows. Rows are sorted by kind, then rank. pandas is optional.
         """
-        cols: dict[str, list] = {"kind": [], "layer": [], "index": [], "score": [], "rank": []}
-        for kind, scores in self.scores.items():
-            flat = scores.flatten()
-            width = 1 if kind == "residual" else scores.shape[1]
-            ordered = _order(flat)
-            rows = torch.cat([ordered, torch.isnan(flat).nonzero().squeeze(1)])
-            cols["kind"] += [kind] * rows.numel()
-            cols["layer"] += (rows // width).tolist()
-            cols["index"] += [None] * rows.numel() if kind == "residual" else (rows % width).tolist()
-            cols["score"] += flat[rows].tolist()
-            cols["rank"] += list(range(ordered.numel())) + [None] * (rows.numel() - ordered.numel())
-        try:
-            import pandas as pd
-        except ImportError:
-            return [dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)]
-        return pd.DataFrame(cols).astype({"index": "Int64", "rank": "Int64"})
+        return result_frame(self)
 
     def plot(self, path: str | os.PathLike, top_n: int = 30) -> list[Path]:
         """Write PNGs into folder ``path``: head heatmap, top-``top_n`` neurons by ``|score|``, residual curve."""
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-
-        folder = Path(path)
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder} is a file; `plot` writes several PNGs, pass a folder.")
-        folder.mkdir(parents=True, exist_ok=True)
-        title = f"{self.method}" + (f" ({self.metric})" if self.metric else "")
-        written = []
-        for kind, scores in self.scores.items():
-            fig = Figure(figsize=(7, 5) if kind != "residual" else (7, 3.5), layout="constrained")
-            ax = fig.add_subplot()
-            if kind == "heads":
-                vmax = float(scores.nan_to_num().abs().max()) or 1.0
-                cmap = colormaps["RdBu_r"].with_extremes(bad="lightgrey")  # grey: not scored
-                image = ax.imshow(scores.numpy(), aspect="auto", cmap=cmap, vmin=-vmax, vmax=vmax, origin="lower")
-                fig.colorbar(image, ax=ax, label="score (grey: not scored)")
-                ax.set(xlabel="head", ylabel="layer", title=f"head scores: {title}")
-            elif kind == "neurons":
-                best = self.top("neurons", top_n)[::-1]
-                values = [s for _, s in best]
-                ax.barh([f"L{li}.N{n}" for (li, n), _ in best], values, color=["C3" if v > 0 else "C0" for v in values])
-                ax.set(xlabel="score", title=f"top {len(best)} neurons by |score|: {title}")
-                ax.tick_params(axis="y", labelsize=7)
-            else:
-                ax.plot(range(scores.numel()), scores.numpy(), marker="o")
-                ax.axhline(0.0, color="grey", linewidth=0.5)
-                ax.set(xlabel="layer", ylabel="score", title=f"residual stream: {title}")
-            written.append(folder / f"{kind}.png")
-            fig.savefig(written[-1], dpi=110)
-        return written
+        return plot_result(self, path, top_n)
 
     def compare(self, other: LocalizationResult, k: int = 10) -> dict[str, dict[str, float]]:
         """Agreement with ``other`` per common kind: ``{kind: {spearman, spearman_signed, overlap, overlap_fraction, k}}``.
@@ -369,33 +311,7 @@ class LocalizationResult:
         """
         if not isinstance(other, LocalizationResult):
             raise TypeError(f"`compare` takes a LocalizationResult, got {type(other).__name__}.")
-        _check_k(k, "k")
-        common = [kind for kind in self.scores if kind in other.scores]
-        if not common:
-            raise ValueError(f"no common score kinds: this result has {self.kinds}, the other {other.kinds}.")
-        out = {}
-        for kind in common:
-            a, b = self.scores[kind].flatten(), other.scores[kind].flatten()
-            if self.scores[kind].shape != other.scores[kind].shape:
-                raise ValueError(
-                    f"{kind} scores differ in shape: {tuple(self.scores[kind].shape)} vs {tuple(other.scores[kind].shape)}."
-                )
-            both = ~(torch.isnan(a) | torch.isnan(b))
-            top_a, top_b = set(_order(a)[:k].tolist()), set(_order(b)[:k].tolist())
-            kk = min(k, len(top_a), len(top_b))
-            out[kind] = {
-                "spearman": _spearman(a[both].abs(), b[both].abs()),
-                "spearman_signed": _spearman(a[both], b[both]),
-                "overlap": len(top_a & top_b),
-                "overlap_fraction": len(top_a & top_b) / kk,
-                "k": kk,
-            }
-        return out
-
-
-def _check_k(k: Any, name: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {k!r}.")
+        return compare_results(self, other, k)
 
 
 def _resolve_modes(mode: str | None, head_mode: str, neuron_mode: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ from peft.config import PeftConfig
 
 from ...arch import ArchSpec, spec_for
 from ...components import HEAD_MODES, NEURON_MODES, ComponentSet, Head, Neuron, check_mode
-from .._registry import extend_peft_type
+from .._derived import set_peft_type_and_check_targets
 
 ColMode = Literal["delta", "scale", "bias"]
 ARCH_KEYS = ("n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "n_neurons")
@@ -115,7 +115,8 @@ class SparseConfig(PeftConfig):
         init_weights (`bool`, defaults to `True`): start at the identity (all deltas 0). ``False`` draws
             small random deltas (normal, std 0.02); only useful for testing merge/save round trips.
         target_modules (`list[str] | str | None`): derived from ``heads``/``neurons`` and the architecture
-            when the adapter is injected (full module names); a given value is replaced.
+            when the adapter is injected (full module names). Setting it raises; only the value a saved
+            ``adapter_config.json`` carries is accepted, and it is derived again on injection.
         arch (`dict | None`): architecture facts (``model_type`` and sizes) recorded at injection; loading
             onto a model with other sizes raises. Lets ``to_lora`` work without the base model.
         base_model_fingerprint (`str | None`): ``model_fingerprint`` of the base model, recorded at
@@ -157,7 +158,13 @@ class SparseConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = extend_peft_type("sparse")
+        set_peft_type_and_check_targets(
+            self,
+            "sparse",
+            derived_from="`heads`/`neurons` and the architecture when the adapter is injected",
+            instead="Select components with `heads=` and `neurons=` (or `SparseConfig.from_localization`), "
+            "and add fully trained modules with `modules_to_save=`.",
+        )
         check_mode(head_mode=self.head_mode, neuron_mode=self.neuron_mode)
         self.heads = _normalise(self.heads, "heads")
         self.neurons = _normalise(self.neurons, "neurons")

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..._io import write_folder_atomically
 
 
 def save_adapter(model: Any, save_directory: str | Path, **kwargs: Any) -> Path:
     """``model.save_pretrained(save_directory, **kwargs)`` that never leaves a half-written folder.
 
-    Writes into a temporary sibling folder and renames it into place; an existing folder is
-    replaced only after the new one is complete. On any error the target is left as it was.
+    Follows :func:`mi_peft._io.write_folder_atomically`: the files are written into a temporary
+    sibling folder that then replaces ``save_directory`` (a previous adapter save there is replaced;
+    a folder holding other files is refused). On any error the target is left as it was.
 
     Example:
         >>> save_adapter(peft_model, "out/refusal-heads")
     """
-    target = Path(save_directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
-    old = target.parent / f".{target.name}.old"
-    try:
-        model.save_pretrained(str(tmp), **kwargs)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return write_folder_atomically(save_directory, lambda tmp: model.save_pretrained(str(tmp), **kwargs))

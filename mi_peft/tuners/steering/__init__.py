@@ -7,7 +7,8 @@ from .._registry import register_method
 from .condition import CalibrationReport, SteeringCondition, calibrate_condition
 from .config import SteeringConfig
 from .layer import SteeringEmbedding, SteeringLayer
-from .model import SteeringModel, SteeringState
+from .model import SteeringModel
+from .state import SteeringState
 
 __all__ = [
     "CalibrationReport",

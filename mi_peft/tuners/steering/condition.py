@@ -23,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ... import capture
-from ...arch import spec_for
+from ...arch import ArchSpec, spec_for
+from ...data import check_texts, format_prompts, tokenize
 
 Comparator = Literal[">", "<"]
 Measure = Literal["cosine", "projection"]
@@ -163,31 +164,6 @@ class CalibrationReport:
         return "\n".join(rows)
 
 
-def format_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
-    """Wrap each prompt as one user turn with the tokenizer's chat template, when it has one."""
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings, not a single string or an empty list.")
-    if not getattr(tokenizer, "chat_template", None):
-        return [str(p) for p in prompts]
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
-
-
-def left_padded_batch(tokenizer: Any, texts: Sequence[str], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask, left-padded by hand so no tokenizer padding setting is needed."""
-    encoded = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-    width = max(len(e) for e in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, width - len(e) :] = torch.tensor(e, dtype=torch.long)
-        mask[row, width - len(e) :] = 1
-    return ids, mask
-
-
 class _StopForward(Exception):
     """Raised after the last layer a measurement needs, to skip the rest of the forward pass."""
 
@@ -208,20 +184,19 @@ def _layer_features(
     desc: str,
 ) -> dict[int, torch.Tensor]:
     """Per layer: scores ``[n]`` when ``directions`` is given, else mean prompt activations ``[n, d_model]``."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
     texts = format_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, disable=len(starts) < 4):
-        ids, mask = left_padded_batch(tokenizer, texts[start : start + batch_size], chat)
-        ids, mask = ids.to(device), mask.to(device)
+        batch = {k: v.to(device) for k, v in tokenize(tokenizer, texts[start : start + batch_size]).items()}
+        mask = batch["attention_mask"]
         positions = "all" if directions is not None else "mean"
         with capture.record(model, residual=layers, positions=positions, attention_mask=mask) as cache:
             last = spec_for(model).decoder_layers(model)[max(layers)]
             handle = last.register_forward_hook(_stop_forward)  # later layers and the unembedding are not needed
             try:
-                model(input_ids=ids, attention_mask=mask)
+                model(**batch)
             except _StopForward:
                 pass
             finally:
@@ -274,46 +249,23 @@ def calibrate_condition(
     Returns:
         ``(condition, report)``: the best layer's condition and the per-layer detection rates.
     """
+    positive, negative = check_texts(positive, "positive"), check_texts(negative, "negative")
     if measure not in MEASURES:
         raise ValueError(f"`measure` must be one of {MEASURES}, got {measure!r}.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    spec = spec_for(model)
     vectors = getattr(directions, "vectors", directions)
-    if layers is None:
-        layers = sorted(vectors) if vectors is not None else list(range(spec.n_layers))
-    layers = sorted({int(layer) for layer in layers})
-    if not layers:
-        raise ValueError("`layers` is empty; pass at least one candidate layer.")
-    for layer in layers:
-        spec.check_layer(layer)
-        if vectors is not None and layer not in vectors:
-            raise ValueError(f"`directions` has no vector for layer {layer}; it has layers {sorted(vectors)}.")
+    layers = _candidate_layers(spec_for(model), vectors, layers)
     disable = getattr(model, "disable_adapter", None)
     context = disable() if callable(disable) else torch.no_grad()
     with context:
-        units = None if vectors is None else {layer: unit_vector(vectors[layer]) for layer in layers}
-        if units is None:
-            pos_mean = _layer_features(
-                model, tokenizer, positive, layers, None, measure, batch_size, "condition means +"
-            )
-            neg_mean = _layer_features(
-                model, tokenizer, negative, layers, None, measure, batch_size, "condition means -"
-            )
-            units = {
-                layer: unit_vector(pos_mean[layer].mean(0) - neg_mean[layer].mean(0), f"condition direction {layer}")
-                for layer in layers
-            }
+        if vectors is not None:
+            units = {layer: unit_vector(vectors[layer]) for layer in layers}
+        else:
+            units = _mean_difference_units(model, tokenizer, positive, negative, layers, batch_size)
         pos = _layer_features(model, tokenizer, positive, layers, units, measure, batch_size, "condition scores +")
         neg = _layer_features(model, tokenizer, negative, layers, units, measure, batch_size, "condition scores -")
-    report = CalibrationReport(measure=measure, n_positive=len(positive), n_negative=len(negative), chosen_layer=-1)
-    best = -math.inf
-    for layer in layers:
-        threshold, comparator, tpr, fpr = best_threshold(pos[layer], neg[layer])
-        report.tpr[layer], report.fpr[layer] = tpr, fpr
-        report.threshold[layer], report.comparator[layer] = threshold, comparator
-        if tpr - fpr > best:
-            best, report.chosen_layer = tpr - fpr, layer
+    report = _report(pos, neg, measure, len(positive), len(negative))
     chosen = report.chosen
     condition = SteeringCondition(
         direction=units[chosen["layer"]],
@@ -323,3 +275,43 @@ def calibrate_condition(
         measure=measure,
     )
     return condition, report
+
+
+def _mean_difference_units(
+    model: nn.Module, tokenizer: Any, positive: list[str], negative: list[str], layers: list[int], batch_size: int
+) -> dict[int, torch.Tensor]:
+    """Per layer, the unit difference of mean prompt activations (positive minus negative)."""
+    pos = _layer_features(model, tokenizer, positive, layers, None, "cosine", batch_size, "condition means +")
+    neg = _layer_features(model, tokenizer, negative, layers, None, "cosine", batch_size, "condition means -")
+    return {
+        layer: unit_vector(pos[layer].mean(0) - neg[layer].mean(0), f"condition direction {layer}") for layer in layers
+    }
+
+
+def _candidate_layers(spec: ArchSpec, vectors: Mapping[int, Any] | None, layers: Sequence[int] | None) -> list[int]:
+    """Sorted candidate layers, checked against the model and the given directions."""
+    if layers is None:
+        layers = sorted(vectors) if vectors is not None else list(range(spec.n_layers))
+    layers = sorted({int(layer) for layer in layers})
+    if not layers:
+        raise ValueError("`layers` is empty; pass at least one candidate layer.")
+    for layer in layers:
+        spec.check_layer(layer)
+        if vectors is not None and layer not in vectors:
+            raise ValueError(f"`directions` has no vector for layer {layer}; it has layers {sorted(vectors)}.")
+    return layers
+
+
+def _report(
+    pos: Mapping[int, torch.Tensor], neg: Mapping[int, torch.Tensor], measure: str, n_pos: int, n_neg: int
+) -> CalibrationReport:
+    """Best threshold per layer and the layer that separates the scores best (maximum TPR - FPR)."""
+    report = CalibrationReport(measure=measure, n_positive=n_pos, n_negative=n_neg, chosen_layer=-1)
+    best = -math.inf
+    for layer in pos:
+        threshold, comparator, tpr, fpr = best_threshold(pos[layer], neg[layer])
+        report.tpr[layer], report.fpr[layer] = tpr, fpr
+        report.threshold[layer], report.comparator[layer] = threshold, comparator
+        if tpr - fpr > best:
+            best, report.chosen_layer = tpr - fpr, layer
+    return report

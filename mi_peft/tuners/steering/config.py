@@ -11,7 +11,7 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import TaskType
 
-from .._registry import extend_peft_type
+from .._derived import set_peft_type_and_check_targets
 from .condition import CalibrationReport, SteeringCondition, calibrate_condition, check_condition_fields, unit_vector
 
 Op = Literal["add", "ablate", "clamp"]
@@ -51,7 +51,8 @@ class SteeringConfig(PeftConfig):
             loading onto another model raises ``FingerprintMismatchError``.
         ignore_fingerprint (`bool`, defaults to `False`): load onto a model with another fingerprint anyway.
         target_modules (`list[str]`, *optional*): derived from the fields above on creation (decoder layers
-            and, for ``ablate``, the input embeddings); any value set by hand is replaced.
+            and, for ``ablate``, the input embeddings). Setting it raises; only the value a saved
+            ``adapter_config.json`` carries is accepted, and it is derived again on creation.
     """
 
     op: str | None = field(default=None, metadata={"help": "'add', 'ablate', 'clamp' or None (scales only)."})
@@ -86,7 +87,13 @@ class SteeringConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = extend_peft_type("steering")
+        set_peft_type_and_check_targets(
+            self,
+            "steering",
+            derived_from="`layers`, `op`, the scales and the condition when the adapter is created",
+            instead="Choose the steered decoder layers with `layers=` (or `SteeringConfig.from_directions`) "
+            "and heads/neurons with `head_scales=`/`neuron_scales=`.",
+        )
         if not hasattr(self, "vectors"):
             self.vectors: dict[int, torch.Tensor] | None = None
             self.condition_vector: torch.Tensor | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -24,9 +24,7 @@ from torch import nn
 from ...arch import ArchSpec, _get
 from .._merge import add_to_bias
 from .condition import condition_scores, decide
-
-if TYPE_CHECKING:
-    from .model import SteeringState
+from .state import SteeringState
 
 # Families whose sublayer outputs pass through a norm before reaching the residual stream: the
 # direction must be projected out of that norm's output, and ablation cannot merge into weights.
@@ -149,6 +147,17 @@ class SteeringTunerLayer(BaseTunerLayer):
         """Why ``plan`` cannot merge into this module's weights (``None`` when it can)."""
         return plan.merge_error(self.steer_spec.model_type)
 
+    def _plans_to_merge(self, adapter_names: list[str] | None) -> Iterator[tuple[str, LayerPlan]]:
+        """``(adapter, plan)`` of each adapter to merge here; a plan that cannot merge raises its reason."""
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            plan = self.steer_plan.get(adapter)
+            if plan is None:
+                continue
+            error = self.merge_error(plan)
+            if error:
+                raise ValueError(error)
+            yield adapter, plan
+
     def _merge_modules(self, adapter: str, edits: list[tuple[nn.Module, Any]], safe_merge: bool) -> None:
         """Apply ``fn(weight, bias) -> (weight, bias)`` to each module, keeping the originals to unmerge exactly.
 
@@ -214,14 +223,21 @@ def _scale_weight(scale: torch.Tensor, conv1d: bool):
     return fn
 
 
-class SteeringLayer(nn.Module, SteeringTunerLayer):
-    """A decoder layer with steering: edits ``hook_resid_post`` and, inside its forward, its output projections."""
+class _SteeringModule(nn.Module, SteeringTunerLayer):
+    """Construction and repr shared by the wrapped decoder layers and input embeddings."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, spec: ArchSpec, state: SteeringState, **plan):
         super().__init__()
         self._init_steering(base_layer, spec, state)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **plan)
+
+    def __repr__(self) -> str:
+        return "steering." + super().__repr__()
+
+
+class SteeringLayer(_SteeringModule):
+    """A decoder layer with steering: edits ``hook_resid_post`` and, inside its forward, its output projections."""
 
     def update_layer(
         self,
@@ -336,13 +352,7 @@ class SteeringLayer(nn.Module, SteeringTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         spec = self.steer_spec
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            plan = self.steer_plan.get(adapter)
-            if plan is None:
-                continue
-            error = self.merge_error(plan)
-            if error:
-                raise ValueError(error)
+        for adapter, plan in self._plans_to_merge(adapter_names):
             edits = []
             if plan.op == "add":  # after the MLP output, the layer output is h + mlp: its bias shifts both
                 vector = plan.alpha * self.steer_direction[adapter].float()
@@ -358,18 +368,9 @@ class SteeringLayer(nn.Module, SteeringTunerLayer):
                     )
             self._merge_modules(adapter, edits, safe_merge)
 
-    def __repr__(self) -> str:
-        return "steering." + super().__repr__()
 
-
-class SteeringEmbedding(nn.Module, SteeringTunerLayer):
+class SteeringEmbedding(_SteeringModule):
     """An input embedding whose output has the ablated direction projected out (``op="ablate"``)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: ArchSpec, state: SteeringState, **plan):
-        super().__init__()
-        self._init_steering(base_layer, spec, state)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, **plan)
 
     def update_layer(self, adapter_name: str, plan: LayerPlan, direction: torch.Tensor | None = None, **_: Any) -> None:
         self.steer_plan[adapter_name] = plan
@@ -385,15 +386,6 @@ class SteeringEmbedding(nn.Module, SteeringTunerLayer):
         return out
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            plan = self.steer_plan.get(adapter)
-            if plan is None:
-                continue
-            error = self.merge_error(plan)
-            if error:
-                raise ValueError(error)
+        for adapter, _plan in self._plans_to_merge(adapter_names):
             fn = _project_weight(self.steer_direction[adapter], conv1d=False, rows_are_outputs=False)
             self._merge_modules(adapter, [(self.base_layer, fn)], safe_merge)
-
-    def __repr__(self) -> str:
-        return "steering." + super().__repr__()

@@ -1,0 +1,108 @@
+"""Per-forward token bookkeeping shared by every wrapped layer of one steering model.
+
+Kept apart from the layer and model modules so both can import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class StepPlan(Protocol):
+    """The parts of a layer's plan that decide which positions it may change."""
+
+    adapter: str
+    layer: int
+    positions: str
+    condition: dict[str, Any] | None
+
+
+class SteeringState:
+    """Token bookkeeping for one forward pass: which positions are prompt or generated, and decisions.
+
+    Updated by a forward pre-hook on the module that runs the decoder layers. A forward with an
+    empty KV cache starts a new prompt (``prompt_len`` = its length); a forward with a filled cache
+    continues it (its tokens are generated). Inside ``generate`` the prompt length is the input
+    length, so generation without a KV cache (which re-runs the whole sequence) sees the same
+    positions as with one. ``decisions`` holds, per adapter, which sequences a condition selected.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.seq_len: int | None = None
+        self.prompt_len: int | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.decisions: dict[str, torch.Tensor] = {}
+        self.generate_prompt_len: int | None = None
+
+    def on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        if x is None:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        start = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        self.begin(x.shape[0], x.shape[1], start, kwargs.get("attention_mask"))
+
+    def begin(self, batch: int, seq: int, start: int, attention_mask: Any = None) -> None:
+        if self.generate_prompt_len is not None:
+            prompt_len = self.generate_prompt_len
+        elif start == 0:
+            self.decisions = {}
+            prompt_len = seq
+        else:
+            prompt_len = self.prompt_len if self.prompt_len is not None else start
+        self.start, self.seq_len, self.prompt_len = start, seq, prompt_len
+        mask = attention_mask
+        ok = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq
+        self.attention_mask = mask[:, -seq:] if ok else None
+
+    @contextmanager
+    def generating(self, prompt_len: int) -> Iterator[None]:
+        """Inside ``generate``: positions at or after ``prompt_len`` are generated tokens."""
+        saved = self.generate_prompt_len
+        self.generate_prompt_len, self.decisions = prompt_len, {}
+        try:
+            yield
+        finally:
+            self.generate_prompt_len = saved
+
+    def generated(self, seq: int, device: torch.device) -> torch.Tensor:
+        """Boolean ``[seq]``: which positions of the running forward are generated tokens."""
+        if self.seq_len != seq or self.prompt_len is None:
+            return torch.zeros(seq, dtype=torch.bool, device=device)
+        return torch.arange(self.start, self.start + seq, device=device) >= self.prompt_len
+
+    def steer_mask(self, plan: StepPlan, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean ``[batch, seq, 1]`` of the positions ``plan`` may change; ``None`` means all of them."""
+        if plan.positions == "all" and plan.condition is None:
+            return None
+        gen = self.generated(seq, device)
+        pos = {"all": torch.ones_like(gen), "prompt": ~gen, "generated": gen}[plan.positions]
+        mask = pos[None, :].expand(batch, seq)
+        if plan.condition is not None:
+            rows = self.decisions.get(plan.adapter)
+            if rows is None:
+                rows = torch.zeros(batch, dtype=torch.bool, device=device)
+            elif rows.shape[0] != batch:
+                raise ValueError(
+                    f"conditional steering decided for {rows.shape[0]} sequences but this forward has {batch}; "
+                    "start a new prompt (empty KV cache) when the batch changes. Beam search is not supported."
+                )
+            decided = gen | (plan.layer >= plan.condition["layer"])
+            mask = mask & rows.to(device)[:, None] & decided[None, :]
+        return mask[..., None]
+
+    def prompt_tokens(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        """Boolean ``[batch, seq]``: non-padding prompt tokens of the running forward (condition input)."""
+        gen = self.generated(seq, device)
+        keep = ~gen if not bool(gen.all()) else torch.ones_like(gen)
+        mask = keep[None, :].expand(batch, seq)
+        if self.attention_mask is not None and self.attention_mask.shape == (batch, seq):
+            mask = mask & self.attention_mask.to(device).bool()
+        return mask
