@@ -16,15 +16,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole refusal recipe on the embedded model at demo size: locate, validate, steer, train
-# (sparse located, sparse random, matched LoRA, LoRA r=8, sparse DPO), evaluate with side effects,
+# (sparse located, sparse random, matched-budget LoRA, sparse DPO), evaluate with side effects,
 # report. Under 20 minutes on 2 CPU cores; `make evidence` is the full-size run.
-DEMO_SIZE := --steps 20 --dpo-steps 8 --n-test 50 --set train.dpo_from_sft=false \
-	--set evaluate.piqa_n=32 --set evaluate.blimp_n=1 --set evaluate.ppl_texts=4 \
-	--set evaluate.health_prompts=16 --set evaluate.health_tokens=32
+DEMO_SIZE := --steps 20 --dpo-steps 8 --n-test 40 --set train.dpo_from_sft=false --set train.lora_baseline=false \
+	--set evaluate.max_new_tokens=16 --set steer.val_prompts=12 --set evaluate.piqa_n=32 --set evaluate.blimp_n=1 \
+	--set evaluate.ppl_texts=4 --set evaluate.health_prompts=16 --set evaluate.health_tokens=24
 
 demo: $(STAMP)
 	.venv/bin/mi-peft info
 	.venv/bin/mi-peft run refusal $(DEMO_SIZE) --out runs/demo
+
+# The full evidence: budget sweep x 3 seeds x every variant at recipe size, with side effects.
+# Several hours on 2 CPU cores; docs/results/ holds the runs made so far and their commands.
+evidence: $(STAMP)
+	.venv/bin/mi-peft run refusal --seeds 3 --budgets 0.0001,0.0003,0.0013,0.005 --out runs/evidence
 
 test: $(STAMP)
 	.venv/bin/ruff check .

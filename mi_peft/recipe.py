@@ -82,6 +82,7 @@ class TrainSection:
     dpo_args: dict[str, Any] | None = None  # any other trl.DPOConfig field, e.g. loss_type, loss_weights, ld_alpha
     dpo_from_sft: bool = False  # also run SFT -> DPO on the same located slices
     matched_lora: bool = True  # a LoRA with the sparse adapter's trainable count (within 10%)
+    lora_baseline: bool = True  # LoRA r=`lora_r` on all linear layers
     seeds: int = 1  # training order and random-component draw change per seed; the located selection does not
     param_budgets: tuple[float, ...] | None = None  # budget sweep: located, random, matched LoRA at each
 

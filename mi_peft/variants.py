@@ -59,7 +59,8 @@ def plan(recipe: Recipe) -> list[Variant]:
             variants += [Variant("located", budget=budget), Variant("random", budget=budget)]
             if tr.matched_lora:
                 variants.append(Variant("lora_matched", budget=budget))
-        variants.append(Variant("lora", lora_r=tr.lora_r))
+        if tr.lora_baseline:
+            variants.append(Variant("lora", lora_r=tr.lora_r))
     if recipe.dpo is not None:
         variants.append(Variant("located", "dpo", tr.param_budget))
         if tr.dpo_from_sft and recipe.sft is not None:
