@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .cli_run import add_run_parser
 from .recipe import parse_layers
 
 
@@ -266,36 +267,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget_list(text: str) -> list[float]:
-    """``"0.0003,0.0013"`` -> [0.0003, 0.0013]; whole numbers stay parameter counts."""
-    try:
-        return [float(part) if any(c in part for c in ".eE") else int(part) for part in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"cannot read budgets {text!r}; give comma-separated fractions or counts, e.g. 0.0003,0.0013"
-        ) from err
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_recipe
-    from .report import comparison_table
-
-    results = run_recipe(
-        args.recipe,
-        out_dir=args.out,
-        steps=args.steps,
-        n_test=args.n_test,
-        pairs=args.pairs,
-        dpo_steps=args.dpo_steps,
-        seeds=args.seeds,
-        budgets=args.budgets,
-        settings=args.settings,
-    )
-    print()
-    print(comparison_table(results["variants"]))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -393,29 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="Write the report JSON here.")
     ev.set_defaults(func=cmd_eval)
 
-    run = sub.add_parser("run", help="Run a whole recipe: locate, validate, steer, train, evaluate, report.")
-    run.add_argument("recipe", help="A shipped recipe name (e.g. refusal) or a recipe YAML path.")
-    run.add_argument("--out", help="Output folder (default runs/<recipe name>).")
-    run.add_argument("--steps", type=int, help="Override the training steps (and the DPO steps, unless --dpo-steps).")
-    run.add_argument("--dpo-steps", type=int, help="Override the DPO steps.")
-    run.add_argument("--n-test", type=int, help="Held-out prompts per side.")
-    run.add_argument("--pairs", type=int, help="Pairs used to locate (and cap on validation prompts).")
-    run.add_argument("--seeds", type=int, help="Train every variant this many times (mean, std, pooled intervals).")
-    run.add_argument(
-        "--budgets",
-        type=_budget_list,
-        help="Budget sweep: comma-separated fractions or counts, e.g. 0.0001,0.0003,0.0013,0.005 "
-        "(located, random and matched LoRA at each).",
-    )
-    run.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="Override one recipe field, e.g. --set evaluate.piqa_n=32 (repeatable).",
-    )
-    run.set_defaults(func=cmd_run)
+    add_run_parser(sub)
     return parser
 
 
