@@ -21,6 +21,7 @@ from .evaluate.general import general_ability
 from .evaluate.generation import generate
 from .evaluate.health import generation_health
 from .recipe import Recipe
+from .stats import wilson_interval
 
 
 def _target_strings(recipe: Recipe) -> list[str]:
@@ -137,6 +138,10 @@ def score_row(
         **evaluator.general(model),
         "train_seconds": seconds,
     }
+    for key in ("target", "side"):
+        if not is_missing(row[key]) and row[f"{key}_n"]:
+            n = row[f"{key}_n"]
+            row[f"{key}_low"], row[f"{key}_high"] = wilson_interval(round(row[key] * n), n)
     return {**row, **(extra or {})}
 
 

@@ -53,6 +53,7 @@ def test_run_writes_consistent_report(tmp_path, capsys):
         assert 0.0 <= row["target"] <= 1.0 and 0.0 <= row["side"] <= 1.0
         assert 0.0 <= row["degenerate"] <= 1.0 and 0.0 < row["distinct_2"] <= 1.0
         assert row["piqa_n"] == 4 and row["blimp_n"] == 67 and row["target_n"] == 2
+        assert 0.0 <= row["target_low"] <= row["target"] <= row["target_high"] <= 1.0, row["variant"]
     matched = results["variants"][names.index("LoRA matched")]
     located = results["variants"][names.index("sparse located")]
     lora = results["variants"][names.index("LoRA r=8")]
