@@ -44,6 +44,14 @@ class Run:
     evaluator: Evaluator
     log: Callable[[str], None]
     timings: dict[str, float] = field(default_factory=dict)
+    _dpo_held_out: list[dict[str, Any]] | None = None
+
+    @property
+    def dpo_held_out(self) -> list[dict[str, Any]]:
+        """The DPO rows training never sees, read and split once per run."""
+        if self._dpo_held_out is None:
+            self._dpo_held_out = variant_plan.dpo_split(self.recipe)[1] if self.recipe.dpo is not None else []
+        return self._dpo_held_out
 
 
 def _metric_mean(model, tokenizer, pairs: ContrastivePairs, metric, batch_size: int) -> float:
@@ -206,7 +214,7 @@ def _steer(run: Run, loc_pairs: ContrastivePairs, val_pairs: ContrastivePairs) -
 
 def _held_out_margin(run: Run, model) -> float | None:
     """Mean chosen-minus-rejected log-prob on the DPO rows that training never sees."""
-    rows = variant_plan.dpo_split(run.recipe)[1] if run.recipe.dpo is not None else []
+    rows = run.dpo_held_out
     return preference_margin(model, run.tokenizer, rows).mean if rows else None
 
 
