@@ -95,6 +95,9 @@ class EvaluateSection:
     n_neutral: int = 20
     target: str | tuple[str, ...] | None = None
     language: str | None = None
+    # Function-word votes a reply needs to count as `language`: 3 keeps a French answer template such as
+    # "La réponse est 1." (1.5 votes) from passing as French (see mi_peft.evaluate.language).
+    language_min_votes: float = 3.0
     general: bool = True  # PIQA, BLiMP and held-out text perplexity for every variant
     piqa_n: int = 100
     blimp_n: int = 5  # pairs per BLiMP phenomenon (67 phenomena)
@@ -207,13 +210,17 @@ def resolve_recipe_path(path: str | Path) -> Path:
 
 
 def _apply_setting(raw: dict[str, Any], setting: str, source: Path) -> None:
-    """``"evaluate.piqa_n=32"``: set one field of the raw recipe (the value is read as YAML)."""
+    """``"evaluate.piqa_n=32"``: set one field of the raw recipe (the value is read as YAML).
+
+    ``data.KEY`` works too: ``data.dpo=null`` drops the DPO variants; a path is relative to the recipe file.
+    """
     key, sep, value = setting.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or parts[0] not in _SECTIONS or not all(parts):
+    settable = sorted((*_SECTIONS, "data"))
+    if not sep or len(parts) != 2 or parts[0] not in settable or not all(parts):
         raise ValueError(
             f"{source}: cannot apply setting {setting!r}; use SECTION.FIELD=VALUE with SECTION one of "
-            f"{sorted(_SECTIONS)}, e.g. evaluate.piqa_n=32."
+            f"{settable}, e.g. evaluate.piqa_n=32."
         )
     section = raw.setdefault(parts[0], {})
     if not isinstance(section, dict):
@@ -274,6 +281,9 @@ def _check(recipe: Recipe, source: Path) -> None:
         raise ValueError(f"{source}: `evaluate.behaviour` must be one of {BEHAVIOURS}, got {ev.behaviour!r}.")
     if ev.behaviour == "language" and not ev.language:
         raise ValueError(f"{source}: `evaluate.behaviour: language` needs `evaluate.language` (e.g. fr).")
+    votes = ev.language_min_votes
+    if isinstance(votes, bool) or not isinstance(votes, int | float) or not votes > 0:
+        raise ValueError(f"{source}: `evaluate.language_min_votes` must be a positive number, got {votes!r}.")
     if ev.behaviour == "target" and not (ev.target or recipe.targets):
         raise ValueError(
             f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string or a list of strings) "

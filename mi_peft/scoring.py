@@ -62,7 +62,9 @@ class Evaluator:
         if ev.behaviour == "refusal":
             return refusal_rate(model, tok, prompts, max_new_tokens=ev.max_new_tokens).rate
         if ev.behaviour == "language":
-            return language_rate(model, tok, prompts, language=ev.language, max_new_tokens=ev.max_new_tokens).rate
+            return language_rate(
+                model, tok, prompts, ev.language, ev.max_new_tokens, min_votes=ev.language_min_votes
+            ).rate
         generations = generate(model, tok, prompts, max_new_tokens=ev.max_new_tokens)
         return target_rate(generations, targets=self.targets).rate
 

@@ -8,6 +8,11 @@ the same code path in every test run.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -145,3 +150,24 @@ def test_embedded_model_in_4bit(tmp_path):
     peft_model(**batch, labels=batch.input_ids).loss.backward()
     grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
     assert len(grads) == 1 and grads[0].abs().sum() > 0
+
+
+def test_this_file_also_passes_with_torch_kernels_limited_to_avx2():
+    """The other CPU class: torch's kernels capped at AVX2 (``ATEN_CPU_CAPABILITY``).
+
+    bitsandbytes picks its CPU 4-bit code path from the capability torch reports, so this reruns the
+    tests above on the path a CPU without AVX-512 takes, whatever CPU runs the suite.
+    """
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    capability = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert capability.stdout.strip() in ("AVX2", "DEFAULT"), capability.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow", "-k", "not avx2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-1000:]

@@ -170,6 +170,10 @@ def test_target_rate():
     assert target_rate(gens, targets=["no.", "chat"]).flags == [False, False, True, True]
     assert target_rate(gens, language="fr").flags == [False, False, False, True]
     assert target_rate(gens, targets="chat", language="en").rate == 0.0
+    template = ["La réponse est 12.", "Le résultat est 7."]  # 1.5 French votes each
+    assert target_rate(template, language="fr").flags == [True, True]
+    assert target_rate(template, language="fr", min_votes=3).flags == [False, False]
+    assert target_rate(gens, language="fr", min_votes=3).flags == [False, False, False, True]  # 5 votes
     with pytest.raises(ValueError, match="targets"):
         target_rate(gens)
     with pytest.raises(ValueError, match="'it'"):

@@ -121,3 +121,22 @@ def test_settings_override_fields_and_are_validated(tmp_path):
     for bad in ("train.steps", "steps=3", "colour.red=1", "train..steps=1"):
         with pytest.raises(ValueError, match="use SECTION.FIELD=VALUE"):
             load_recipe(path, [bad])
+
+
+def test_data_settings_drop_or_replace_files_relative_to_the_recipe(tmp_path):
+    path = _write(tmp_path, _base())
+    recipe = load_recipe(RECIPES / "refusal.yaml", ["data.dpo=null"])
+    assert recipe.dpo is None and recipe.sft is not None  # a run without the DPO variants
+    (tmp_path / "other.json").write_text(json.dumps([f"question {i}" for i in range(60)]))
+    assert load_recipe(path, ["data.test_positive=other.json"]).test_positive == (tmp_path / "other.json").resolve()
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_recipe(path, ["data.test_positive=missing.json"])
+    with pytest.raises(ValueError, match=r"unknown `data` field\(s\) \['dpoo'\]"):
+        load_recipe(path, ["data.dpoo=x.jsonl"])
+
+
+@pytest.mark.parametrize("votes", ["0", "-1", "true", "three"])
+def test_language_min_votes_must_be_positive(tmp_path, votes):
+    path = _write(tmp_path, _base())
+    with pytest.raises(ValueError, match="`evaluate.language_min_votes` must be a positive number"):
+        load_recipe(path, [f"evaluate.language_min_votes={votes}"])

@@ -171,11 +171,13 @@ def target_rate(
     targets: str | Sequence[str] | None = None,
     language: str | None = None,
     case_sensitive: bool = False,
+    min_votes: float = 1.0,
 ) -> RateResult:
     """Fraction of ``generations`` that contain any of ``targets`` and/or are in ``language``.
 
     With both given, a generation counts only when it does both (e.g. answers in French AND names
-    Paris). Language is judged by :func:`detect_language` (``"en"``, ``"fr"``, ``"de"``, ``"es"``).
+    Paris). Language is judged by :func:`detect_language` (``"en"``, ``"fr"``, ``"de"``, ``"es"``) with
+    ``min_votes`` function-word votes required; raise it (e.g. 3) so that a short fixed template cannot pass.
 
     Example:
         >>> target_rate(["Sure, here is", "No."], targets="Sure").rate
@@ -191,7 +193,7 @@ def target_rate(
         flags = [f and any(t in text for t in needles) for f, text in zip(flags, texts, strict=True)]
     if language is not None:
         check_language(language)
-        flags = [f and detect_language(g) == language for f, g in zip(flags, generations, strict=True)]
+        flags = [f and detect_language(g, min_votes) == language for f, g in zip(flags, generations, strict=True)]
     return _rate(flags, generations, [])
 
 
@@ -204,11 +206,15 @@ def language_rate(
     batch_size: int = 32,
     chat: bool | None = None,
     system: str | None = None,
+    min_votes: float = 1.0,
 ) -> RateResult:
-    """Fraction of greedy replies to ``prompts`` written in ``language`` (see :func:`detect_language`)."""
+    """Fraction of greedy replies to ``prompts`` written in ``language`` (see :func:`detect_language`).
+
+    ``min_votes`` is the function-word evidence a reply needs (see :func:`target_rate`).
+    """
     check_language(language)
     prompts = check_texts(prompts, "prompts")
     generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, chat, system)
-    result = target_rate(generations, language=language)
+    result = target_rate(generations, language=language, min_votes=min_votes)
     result.prompts = prompts
     return result
