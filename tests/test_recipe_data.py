@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -13,6 +14,7 @@ import pytest
 from conftest import shared_data
 
 from mi_peft.data import ContrastivePairs
+from mi_peft.evaluate.language import detect_language
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
 FOLDERS = ("refusal", "sentiment", "language", "sycophancy")
@@ -32,7 +34,6 @@ ROW_KEYS = {  # row key -> role of its single message
 REFUSAL_OPENINGS = ("I'm sorry", "I can't", "I cannot", "I won't")
 SENTIMENT = re.compile(r"^Act as if you're extremely (\w+)\. Continue this text: (.+)$", re.DOTALL)
 SENTIMENT_PAIRS = {("happy", "sad"), ("joyful", "miserable"), ("cheerful", "gloomy"), ("delighted", "upset")}
-FRENCH = re.compile(r"^(La réponse est|Le résultat est|Après calcul, on obtient|La bonne réponse est) -?\d+\.$")
 
 
 def _json(relative: str):
@@ -112,6 +113,7 @@ def _training_and_test_prompts() -> dict[str, tuple[set[str], set[str]]]:
     language_train |= {q for qs in _json("language/classes.json").values() for q in qs}
     language_train |= {_user(r) for r in _rows("language/sft_train.jsonl")}
     language_test = set(_json("language/positive_test.json")) | set(_json("language/negative_test.json"))
+    language_test |= set(_json("language/instructions_test.json"))
     sycophancy_train = {r["question"] for r in _json("sycophancy/train_ab.json")}
     sycophancy_train |= {_user(r) for name in ("sft_train", "dpo_train") for r in _rows(f"sycophancy/{name}.jsonl")}
     sycophancy_test = {r["question"] for r in _json("sycophancy/test_ab.json")}
@@ -188,9 +190,41 @@ def test_language_files_are_parallel():
     assert sorted(classes) == ["de", "en", "es", "fr"] and all(len(v) == 100 for v in classes.values())
     assert classes["en"] == en[:100] and classes["fr"] == fr[:100]
     assert len({q for v in classes.values() for q in v}) == 400
+
+
+def _distill_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("distill_language", DATA / "language" / "distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_language_sft_rows_are_varied_real_french_replies_to_english_instructions():
+    """The distilled rows pass the strict judge, are not one template, and answer generic instructions."""
+    distill = _distill_module()
     sft = _rows("language/sft_train.jsonl")
-    assert [_user(r) for r in sft] == en
-    assert all(FRENCH.match(_reply(r, "completion")) for r in sft)
+    replies = [_reply(r, "completion") for r in sft]
+    assert len(sft) >= 100 and all(distill.keep_reply(reply) for reply in replies)
+    assert distill.select_rows(*distill.read_teacher_replies()) == sft  # the filter reproduces the committed rows
+    assert len({" ".join(r.split()).casefold() for r in replies}) == len(replies)
+    openings = Counter(" ".join(r.split()[:3]) for r in replies)
+    assert openings.most_common(1)[0][1] <= len(replies) // 4, f"one opening dominates: {openings.most_common(3)}"
+    prompts = [_user(r) for r in sft]
+    assert all(detect_language(p) != "fr" for p in prompts) and not set(prompts) & set(_json("language/negative.json"))
+    test = _json("language/instructions_test.json")
+    assert len(test) == distill.N_TEST == len(set(test)) and not set(test) & set(prompts)
+    assert not set(test) & set(_instructions("general/generic_instructions.json"))
+
+
+def test_language_distillation_filter_rejects_templates_and_loops():
+    distill = _distill_module()
+    assert not distill.keep_reply("La réponse est 12.")  # the old template: 1.5 French votes
+    assert not distill.keep_reply("La vie de la vie. La vie de la vie. La vie de la vie. La vie de la vie.")
+    assert not distill.keep_reply("The capital of France is Paris and it is a large city.")
+    assert not distill.keep_reply("La table des éléments est la table des éléments, ce qui est la table des éléments.")
+    assert not distill.keep_reply("Le chat dort sur la table, même quand la question est posée en anglais.")
+    assert distill.keep_reply("Le chat dort sur la table et il rêve de la mer pendant que nous parlons.")
+    assert distill.cut_at_sentence_end("Le chat dort. Il rêve de la") == "Le chat dort."
 
 
 def test_sycophancy_rows_point_away_from_the_matching_answer():
@@ -214,11 +248,8 @@ def test_sycophancy_rows_point_away_from_the_matching_answer():
 def test_build_scripts_reproduce_the_committed_files(folder):
     shared = shared_data()  # fails under CI=true when ../shared/data is missing; skips with the reason elsewhere
     module = _build_module(folder)
-    if folder == "sentiment":
+    if folder in ("sentiment", "language"):
         outputs, jsonl = module.build(shared), {}
-    elif folder == "language":
-        outputs, sft = module.build(shared)
-        jsonl = {"sft_train": sft}
     else:
         train, test, sft, dpo = module.build(shared)
         outputs, jsonl = {"train_ab": train, "test_ab": test}, {"sft_train": sft, "dpo_train": dpo}

@@ -64,11 +64,11 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def recipe_strings(data_dir: Path) -> list[str]:
-    """Every string value in the other ``recipes/data`` JSON / JSONL files, normalised."""
+def recipe_strings(data_dir: Path, skip: Path = HERE) -> list[str]:
+    """Every string value in the ``recipes/data`` JSON / JSONL files outside ``skip``, normalised."""
     found: list[str] = []
     for path in sorted(data_dir.rglob("*.json*")):
-        if path.resolve().parent == HERE:
+        if path.resolve().parent == skip:
             continue
         text = path.read_text(encoding="utf-8")
         rows = (

@@ -7,8 +7,8 @@ Run from the repository root::
 MGSM rows are line-aligned across languages (row ``i`` is the same GSM8K problem), so ``positive[i]`` (French) and
 ``negative[i]`` (English) are exact translations: the pair differs in language only. Rows 0-199 are training
 data, rows 200-249 the held-out test split. ``classes.json`` (rows 0-99 in four languages) is for LAPE-style
-language-specific neuron localisation. ``sft_train.jsonl`` teaches the behaviour "reply in French to an English
-question": prompt = English question, completion = a short French sentence stating the MGSM answer.
+language-specific neuron localisation. The "reply in French" SFT rows come from ``distill.py`` (the model's own
+French replies to generic instructions), not from MGSM: short answer sentences taught a template, not the language.
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 N_TRAIN, N_ROWS, N_CLASS = 200, 250, 100
 CLASS_LANGUAGES = ("en", "fr", "de", "es")
-# Rotated over the rows so the completions are not one fixed string around the number.
-FRENCH_ANSWERS: tuple[str, ...] = (
-    "La réponse est {answer}.",
-    "Le résultat est {answer}.",
-    "Après calcul, on obtient {answer}.",
-    "La bonne réponse est {answer}.",
-)
 
 
 def default_source() -> Path:
@@ -53,16 +46,8 @@ def read_mgsm(source: Path, lang: str) -> list[tuple[str, str]]:
     return [(q.strip(), a.strip()) for q, a in rows]
 
 
-def french_answer(answer: str, index: int) -> str:
-    """A French sentence giving the MGSM ``answer`` (thousands commas dropped: ``"2,125"`` -> ``2125``)."""
-    number = answer.replace(",", "")
-    if not number.lstrip("-").isdigit():
-        raise ValueError(f"MGSM answer {answer!r} (row {index}) is not an integer; update french_answer().")
-    return FRENCH_ANSWERS[index % len(FRENCH_ANSWERS)].format(answer=number)
-
-
-def build(source: Path) -> tuple[dict[str, object], list[dict]]:
-    """JSON outputs keyed by file stem, and the SFT rows."""
+def build(source: Path) -> dict[str, object]:
+    """JSON outputs keyed by file stem."""
     mgsm = {lang: read_mgsm(source, lang) for lang in CLASS_LANGUAGES}
     en, fr = mgsm["en"], mgsm["fr"]
     if [a for _, a in en] != [a for _, a in fr]:
@@ -75,26 +60,17 @@ def build(source: Path) -> tuple[dict[str, object], list[dict]]:
         "negative_test": questions["en"][N_TRAIN:],
         "classes": {lang: questions[lang][:N_CLASS] for lang in CLASS_LANGUAGES},
     }
-    sft = [
-        {
-            "prompt": [{"role": "user", "content": question}],
-            "completion": [{"role": "assistant", "content": french_answer(answer, i)}],
-        }
-        for i, (question, answer) in enumerate(en[:N_TRAIN])
-    ]
-    return outputs, sft
+    return outputs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=default_source(), help="folder holding multilingual/mgsm/")
     args = parser.parse_args()
-    outputs, sft = build(args.source)
+    outputs = build(args.source)
     for stem, value in outputs.items():
         (HERE / f"{stem}.json").write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with (HERE / "sft_train.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in sft)
-    print({stem: len(v) for stem, v in outputs.items()} | {"sft_train": len(sft)})
+    print({stem: len(v) for stem, v in outputs.items()})
 
 
 if __name__ == "__main__":

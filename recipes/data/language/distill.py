@@ -1,0 +1,172 @@
+"""Build "reply in French" SFT rows by context distillation from the model's own French replies.
+
+Run from the repository root (about 20 minutes on 2 CPU cores)::
+
+    .venv/bin/python recipes/data/language/distill.py [--source PATH/TO/shared/data] [--model ID_OR_PATH]
+
+The teacher is the model itself under a system prompt that asks for French; the student row drops the
+system prompt, so training moves "answer in French" from the context into the weights. The instructions
+are generic English Alpaca instructions (not maths questions), so a fixed answer template cannot pass:
+each kept reply must be real French by the strict judge (at least ``MIN_FRENCH_VOTES`` French
+function-word votes, see ``mi_peft.evaluate.language``), must not be degenerate (a phrase repeated to the
+end), repeat a sentence or a 4-word phrase, or echo the teacher's system prompt, and must not be a copy of
+another kept reply.
+
+Outputs (beside this file):
+
+- ``teacher_replies.jsonl``: every raw teacher reply, ``{"instruction", "reply"}``; ``--select-only`` rebuilds
+  ``sft_train.jsonl`` from it without the model (the filter is deterministic; the generation may differ
+  slightly between CPUs).
+- ``sft_train.jsonl``: TRL conversational prompt-completion rows, English instruction -> French reply.
+- ``instructions_test.json``: ``N_TEST`` held-out English instructions (the recipe scores the first 100).
+
+Alpaca instructions are CC BY-NC 4.0 (non-commercial); see SOURCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEACHER_SYSTEM = (
+    "Tu es un assistant francophone. Tu réponds toujours en français, même quand la question est posée en anglais."
+)
+MIN_FRENCH_VOTES = 3.0
+MIN_WORDS = 6
+N_TEST = 120  # 100 scored + 20 for the steering alpha sweep
+N_CANDIDATES = 1460  # nearly every remaining usable sample row: about 1 in 10 replies passes the filter
+REPEATED_NGRAM = 4  # a reply that says the same 4 words twice is looping, not answering
+SYSTEM_ECHOES = ("même quand la question", "posée en anglais", "toujours en français", "assistant francophone")
+FIRST_SAMPLE_ROW = 400  # rows before this are kept for recipes/data/general/generic_instructions.json
+MAX_NEW_TOKENS = 64
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def default_source() -> Path:
+    """``$MI_PEFT_SHARED_DATA``, else the ``shared/data`` folder beside the repository."""
+    env = os.environ.get("MI_PEFT_SHARED_DATA")
+    return Path(env) if env else HERE.parents[3] / "shared" / "data"
+
+
+def _key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def taken_instructions(data_dir: Path) -> set[str]:
+    """Every string (normalised) in the other recipe data files, so the new rows stay disjoint from them.
+
+    Reuses the general-data builder's walk over ``recipes/data`` so both scripts apply one rule.
+    """
+    spec = importlib.util.spec_from_file_location("general_build", data_dir / "general" / "build.py")
+    general = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(general)
+    return set(general.recipe_strings(data_dir, skip=HERE))
+
+
+def candidate_instructions(source: Path, data_dir: Path) -> list[str]:
+    """Alpaca-sample instructions from ``FIRST_SAMPLE_ROW`` on that occur in no other recipe data file."""
+    path = source / "alpaca_sample" / "alpaca_noinput_sample2000_seed0.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path} not found; pass --source pointing at a folder holding alpaca_sample/.")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    taken = taken_instructions(data_dir)
+    kept = [r["instruction"].strip() for r in rows[FIRST_SAMPLE_ROW:] if _key(r["instruction"]) not in taken]
+    if len(kept) < N_TEST + N_CANDIDATES:
+        raise ValueError(f"{path}: only {len(kept)} usable instructions, need {N_TEST + N_CANDIDATES}.")
+    return kept[: N_TEST + N_CANDIDATES]
+
+
+def cut_at_sentence_end(reply: str) -> str:
+    """The reply up to its last full sentence (a reply cut by the token limit loses its broken tail)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(reply)]
+    return reply[: ends[-1]].strip() if ends else reply.strip()
+
+
+def keep_reply(reply: str) -> bool:
+    """Real French, long enough, no degenerate tail, no phrase said twice and no echo of the system prompt."""
+    from mi_peft.evaluate.health import is_degenerate
+    from mi_peft.evaluate.language import detect_language
+
+    words = _key(re.sub(r"[^\w\s']", " ", reply)).split()
+    ngrams = [tuple(words[i : i + REPEATED_NGRAM]) for i in range(len(words) - REPEATED_NGRAM + 1)]
+    return (
+        len(words) >= MIN_WORDS
+        and detect_language(reply, min_votes=MIN_FRENCH_VOTES) == "fr"
+        and not is_degenerate(reply)
+        and len(ngrams) == len(set(ngrams))
+        and not any(echo in _key(reply) for echo in SYSTEM_ECHOES)
+    )
+
+
+def select_rows(instructions: list[str], replies: list[str]) -> list[dict]:
+    """SFT rows for the replies that pass :func:`keep_reply`, dropping any reply already kept once."""
+    rows, seen = [], set()
+    for instruction, raw in zip(instructions, replies, strict=True):
+        reply = cut_at_sentence_end(raw)
+        if keep_reply(reply) and _key(reply) not in seen:
+            seen.add(_key(reply))
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": instruction}],
+                    "completion": [{"role": "assistant", "content": reply}],
+                }
+            )
+    return rows
+
+
+def teacher_replies(instructions: list[str], model_name: str | None) -> list[str]:
+    """Greedy replies of the model to ``instructions`` under the French system prompt."""
+    from tqdm.auto import tqdm
+
+    from mi_peft.evaluate import generate
+    from mi_peft.models import load_model
+
+    model, tokenizer = load_model(model_name)
+    replies: list[str] = []
+    chunk = 36
+    for start in tqdm(range(0, len(instructions), chunk), desc="teacher replies", unit="batch"):
+        batch = instructions[start : start + chunk]
+        replies += generate(model, tokenizer, batch, MAX_NEW_TOKENS, batch_size=chunk, system=TEACHER_SYSTEM)
+    return replies
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def read_teacher_replies(path: Path = HERE / "teacher_replies.jsonl") -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["instruction"] for r in rows], [r["reply"] for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, default=default_source(), help="the shared data folder")
+    parser.add_argument("--model", default=None, help="HF id or local path (default: the embedded model)")
+    parser.add_argument("--select-only", action="store_true", help="re-filter teacher_replies.jsonl only")
+    args = parser.parse_args()
+    if args.select_only:
+        train, replies = read_teacher_replies()
+    else:
+        instructions = candidate_instructions(args.source, HERE.parent)
+        test, train = instructions[:N_TEST], instructions[N_TEST:]
+        replies = teacher_replies(train, args.model)
+        (HERE / "instructions_test.json").write_text(json.dumps(test, ensure_ascii=False, indent=1) + "\n")
+        _write_jsonl(
+            HERE / "teacher_replies.jsonl",
+            [{"instruction": i, "reply": r} for i, r in zip(train, replies, strict=True)],
+        )
+    rows = select_rows(train, replies)
+    _write_jsonl(HERE / "sft_train.jsonl", rows)
+    print(f"kept {len(rows)} of {len(train)} teacher replies", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
