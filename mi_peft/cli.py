@@ -225,17 +225,18 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import to_gguf_control_vector, to_lora
+    from .export import to_gguf_control_vector, to_gguf_lora, to_lora
 
-    if args.format == "lora":
+    if args.format == "gguf":
+        path = to_gguf_control_vector(args.adapter, args.out)
+    else:
         base = None
         if args.model is not None or args.with_base:
             from .models import load_model
 
             base, _ = load_model(args.model)
-        path = to_lora(args.adapter, args.out, base_model=base)
-    else:
-        path = to_gguf_control_vector(args.adapter, args.out)
+        export = to_lora if args.format == "lora" else to_gguf_lora
+        path = export(args.adapter, args.out, base_model=base)
     print(f"wrote {path}")
     return 0
 
@@ -346,11 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", help="Save the steering adapter here.")
     st.set_defaults(func=cmd_steer)
 
-    ex = sub.add_parser("export", help="Export an adapter: sparse -> LoRA folder, steering -> GGUF control vector.")
-    ex.add_argument("format", choices=("lora", "gguf"))
+    ex = sub.add_parser(
+        "export",
+        help="Export an adapter: sparse -> LoRA folder (lora) or llama.cpp LoRA GGUF (gguf-lora), "
+        "steering -> llama.cpp control vector (gguf).",
+    )
+    ex.add_argument("format", choices=("lora", "gguf", "gguf-lora"))
     ex.add_argument("--adapter", required=True, help="Adapter folder to export.")
     ex.add_argument("--out", required=True, help="Output folder (lora) or .gguf file.")
-    ex.add_argument("--model", default=None, help="Base model (needed for scale-mode sparse adapters).")
+    ex.add_argument(
+        "--model", default=None, help="Base model (needed for scale/bias-mode sparse adapters and LoRA folders)."
+    )
     ex.add_argument("--with-base", action="store_true", help="Load the embedded base model for scale modes.")
     ex.set_defaults(func=cmd_export)
 

@@ -59,19 +59,35 @@ def test_locate_writes_result_and_prints_table(tiny_dir, tmp_path, capsys):
     assert "top 3 heads" in text and "top 3 neurons" in text
 
 
-def test_export_lora_and_gguf(tiny_dir, tmp_path, capsys):
+def test_export_lora_gguf_and_gguf_lora(tiny_dir, tmp_path, capsys):
+    import gguf
+    from peft import LoraConfig
+
+    from mi_peft.export import from_gguf_control_vector
     from mi_peft.models import load_model
 
     model, _ = load_model(tiny_dir)
     sparse = get_peft_model(model, SparseConfig(heads={1: [0]}, neurons={0: [3]}))
     sparse.save_pretrained(tmp_path / "sparse")
     assert main(["export", "lora", "--adapter", str(tmp_path / "sparse"), "--out", str(tmp_path / "lora")]) == 0
-    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    lora = LoraConfig.from_pretrained(str(tmp_path / "lora"))
+    assert set(lora.target_modules) == {"model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
+
+    args = ["export", "gguf-lora", "--adapter", str(tmp_path / "sparse"), "--out", str(tmp_path / "sparse.gguf")]
+    assert main(args) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "sparse.gguf"))
+    names = {tensor.name for tensor in reader.tensors}
+    assert names == {f"blk.{i}.{m}.weight.lora_{ab}" for i, m in ((1, "attn_output"), (0, "ffn_down")) for ab in "ab"}
+    assert bytes(reader.get_field("adapter.type").parts[-1]).decode() == "lora"
+
     model, _ = load_model(tiny_dir)
     steer = get_peft_model(model, SteeringConfig.from_directions({1: torch.ones(32)}, layers=[1], alpha=2.0))
     steer.save_pretrained(tmp_path / "steer")
     assert main(["export", "gguf", "--adapter", str(tmp_path / "steer"), "--out", str(tmp_path / "s.gguf")]) == 0
-    assert (tmp_path / "s.gguf").stat().st_size > 0
+    vectors = from_gguf_control_vector(tmp_path / "s.gguf")
+    assert list(vectors) == [1]
+    torch.testing.assert_close(vectors[1], torch.full((32,), 2.0 / 32**0.5))
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_errors_are_reported_not_raised(tiny_dir, tmp_path, capsys):

