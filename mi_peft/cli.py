@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .cli_run import add_run_parser
+from .precision import PRECISIONS
 from .recipe import parse_layers
 
 
@@ -165,6 +166,15 @@ def adapter_config_from_args(args: argparse.Namespace, model):
     )
 
 
+def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="Training precision: auto = bfloat16 autocast where the CPU/GPU has bf16 matrix units, else float32.",
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import train
     from .models import load_model
@@ -184,6 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        precision=args.precision,
         **({"save_steps": args.save_steps} if args.save_steps else {}),
         **({"resume_from_checkpoint": args.resume} if args.resume else {}),
     )
@@ -320,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--max-length", type=int, default=256)
     tr.add_argument("--seed", type=int, default=0)
+    _add_precision_arg(tr)
     tr.add_argument("--out", required=True)
     tr.add_argument("--save-steps", type=int, default=None, help="Write a resumable checkpoint-N folder every N steps.")
     tr.add_argument(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .precision import PRECISIONS
+
 
 def _budget_list(text: str) -> list[float]:
     """``"0.0003,0.0013"`` -> [0.0003, 0.0013]; whole numbers stay parameter counts."""
@@ -29,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dpo_steps=args.dpo_steps,
         seeds=args.seeds,
         budgets=args.budgets,
-        settings=args.settings,
+        settings=[*args.settings, *([f"train.precision={args.precision}"] if args.precision else [])],
     )
     print()
     print(comparison_table(results["variants"]))
@@ -51,6 +53,12 @@ def add_run_parser(sub: Any) -> None:
         type=_budget_list,
         help="Budget sweep: comma-separated fractions or counts, e.g. 0.0001,0.0003,0.0013,0.005 "
         "(located, random and matched LoRA at each).",
+    )
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="Training precision (train.precision): auto = bfloat16 autocast on CPUs/GPUs with bf16 matrix "
+        "units, float32 elsewhere. Evaluation stays float32 unless evaluate.precision is set.",
     )
     run.add_argument(
         "--set",

@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from .data_files import read_rows
+from .precision import check_precision
+
 BEHAVIOURS = ("refusal", "language", "ab", "target")
 
 
@@ -85,6 +88,7 @@ class TrainSection:
     lora_baseline: bool = True  # LoRA r=`lora_r` on all linear layers
     seeds: int = 1  # training order and random-component draw change per seed; the located selection does not
     param_budgets: tuple[float, ...] | None = None  # budget sweep: located, random, matched LoRA at each
+    precision: str = "auto"  # bfloat16 autocast where the CPU/GPU has bf16 units, else float32 (mi_peft.precision)
 
 
 @dataclass
@@ -95,9 +99,7 @@ class EvaluateSection:
     n_neutral: int = 20
     target: str | tuple[str, ...] | None = None
     language: str | None = None
-    # Function-word votes a reply needs to count as `language`: 3 keeps a French answer template such as
-    # "La réponse est 1." (1.5 votes) from passing as French (see mi_peft.evaluate.language).
-    language_min_votes: float = 3.0
+    language_min_votes: float = 3.0  # function-word votes; 3 fails the template "La réponse est 1." (1.5 votes)
     general: bool = True  # PIQA, BLiMP and held-out text perplexity for every variant
     piqa_n: int = 100
     blimp_n: int = 5  # pairs per BLiMP phenomenon (67 phenomena)
@@ -105,6 +107,7 @@ class EvaluateSection:
     health_prompts: int = 32  # generic held-out instructions for degenerate/duplicate/distinct-2
     health_tokens: int = 48
     dpo_held_out: int = 32  # DPO rows kept out of training to measure the chosen-minus-rejected margin
+    precision: str = "float32"  # bfloat16 changes some greedy replies: scores would differ between CPU classes
 
 
 @dataclass
@@ -132,12 +135,13 @@ class Recipe:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; files under the working directory are relative, so a report names no machine path."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "__dataclass_fields__"):
                 value = {g.name: getattr(value, g.name) for g in fields(value)}
-            out[f.name] = str(value) if isinstance(value, Path) else value
+            out[f.name] = _portable(value) if isinstance(value, Path) else value
         return json.loads(json.dumps(out, default=str))
 
 
@@ -277,28 +281,9 @@ def load_recipe(path: str | Path, settings: Sequence[str] = ()) -> Recipe:
 
 def _check(recipe: Recipe, source: Path) -> None:
     ev, tr = recipe.evaluate, recipe.train
-    if ev.behaviour not in BEHAVIOURS:
-        raise ValueError(f"{source}: `evaluate.behaviour` must be one of {BEHAVIOURS}, got {ev.behaviour!r}.")
-    if ev.behaviour == "language" and not ev.language:
-        raise ValueError(f"{source}: `evaluate.behaviour: language` needs `evaluate.language` (e.g. fr).")
-    votes = ev.language_min_votes
-    if isinstance(votes, bool) or not isinstance(votes, int | float) or not votes > 0:
-        raise ValueError(f"{source}: `evaluate.language_min_votes` must be a positive number, got {votes!r}.")
-    if ev.behaviour == "target" and not (ev.target or recipe.targets):
-        raise ValueError(
-            f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string or a list of strings) "
-            "or `data.targets` (a JSON list of strings)."
-        )
-    if ev.behaviour == "ab":
-        keys = {"question", "answer_matching_behavior", "answer_not_matching_behavior"}
-        rows = _rows(recipe.test_positive)
-        first = rows[0] if rows else None
-        if not isinstance(first, dict) or not keys <= set(first):
-            found = sorted(first) if isinstance(first, dict) else type(first).__name__
-            raise ValueError(
-                f"{source}: `evaluate.behaviour: ab` needs A/B rows in `data.test_positive` with keys {sorted(keys)}; "
-                f"the first row of {recipe.test_positive.name} is {found}."
-            )
+    for where, value in (("train.precision", tr.precision), ("evaluate.precision", ev.precision)):
+        check_precision(value, f"{source}: {where}")
+    _check_behaviour(recipe, source)
     if recipe.steer_pairs is not None:
         first = _first_row(recipe.steer_pairs)
         if not {"prompt", "positive", "negative"} <= set(first):
@@ -319,24 +304,43 @@ def _check(recipe: Recipe, source: Path) -> None:
         raise ValueError(f"{source}: `train.dpo_args` must be a mapping of trl.DPOConfig fields, got {tr.dpo_args!r}.")
     if not isinstance(tr.seeds, int) or isinstance(tr.seeds, bool) or tr.seeds < 1:
         raise ValueError(f"{source}: `train.seeds` must be a positive integer (runs per variant), got {tr.seeds!r}.")
-    for name, value in (
-        ("train.steps", tr.steps),
-        ("locate.pairs", recipe.locate.pairs),
-        ("evaluate.n_test", ev.n_test),
-        ("evaluate.piqa_n", ev.piqa_n),
-        ("evaluate.blimp_n", ev.blimp_n),
-        ("evaluate.ppl_texts", ev.ppl_texts),
-        ("evaluate.health_prompts", ev.health_prompts),
-        ("evaluate.health_tokens", ev.health_tokens),
-        ("evaluate.dpo_held_out", ev.dpo_held_out),
-    ):
+    counts = ("n_test", "piqa_n", "blimp_n", "ppl_texts", "health_prompts", "health_tokens", "dpo_held_out")
+    named = {"train.steps": tr.steps, "locate.pairs": recipe.locate.pairs}
+    for name, value in {**named, **{f"evaluate.{key}": getattr(ev, key) for key in counts}}.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{source}: `{name}` must be a positive integer, got {value!r}.")
-    for kind in recipe.locate.components:
-        if kind not in ("heads", "neurons", "residual"):
-            raise ValueError(f"{source}: `locate.components` has unknown kind {kind!r}; use heads, neurons, residual.")
+    unknown = sorted(set(recipe.locate.components) - {"heads", "neurons", "residual"})
+    if unknown:
+        raise ValueError(f"{source}: `locate.components` has unknown kind(s) {unknown}; use heads, neurons, residual.")
     _check_columns(recipe, source)
     check_sizes(recipe)
+
+
+def _check_behaviour(recipe: Recipe, source: Path) -> None:
+    """The behaviour named in ``evaluate`` has what it needs (a language, targets, A/B rows)."""
+    ev = recipe.evaluate
+    if ev.behaviour not in BEHAVIOURS:
+        raise ValueError(f"{source}: `evaluate.behaviour` must be one of {BEHAVIOURS}, got {ev.behaviour!r}.")
+    if ev.behaviour == "language" and not ev.language:
+        raise ValueError(f"{source}: `evaluate.behaviour: language` needs `evaluate.language` (e.g. fr).")
+    votes = ev.language_min_votes
+    if isinstance(votes, bool) or not isinstance(votes, int | float) or not votes > 0:
+        raise ValueError(f"{source}: `evaluate.language_min_votes` must be a positive number, got {votes!r}.")
+    if ev.behaviour == "target" and not (ev.target or recipe.targets):
+        raise ValueError(
+            f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string or a list of strings) "
+            "or `data.targets` (a JSON list of strings)."
+        )
+    if ev.behaviour == "ab":
+        keys = {"question", "answer_matching_behavior", "answer_not_matching_behavior"}
+        rows = read_rows(recipe.test_positive)
+        first = rows[0] if rows else None
+        if not isinstance(first, dict) or not keys <= set(first):
+            found = sorted(first) if isinstance(first, dict) else type(first).__name__
+            raise ValueError(
+                f"{source}: `evaluate.behaviour: ab` needs A/B rows in `data.test_positive` with keys {sorted(keys)}; "
+                f"the first row of {recipe.test_positive.name} is {found}."
+            )
 
 
 def check_budgets(budgets: Any, source: Path | str, name: str) -> None:
@@ -359,7 +363,7 @@ def check_sizes(recipe: Recipe) -> None:
     ev, source = recipe.evaluate, recipe.path
     files = [recipe.test_positive] + ([recipe.test_negative] if recipe.test_negative is not None else [])
     for path in files:
-        rows = len(_rows(path))
+        rows = len(read_rows(path))
         if rows < ev.n_test + 2:
             raise ValueError(
                 f"{source}: {path.name} has {rows} rows but `evaluate.n_test` is {ev.n_test}; the alpha sweep "
@@ -381,17 +385,12 @@ def _check_columns(recipe: Recipe, source: Path) -> None:
             raise ValueError(f"{source}: `data.{key}` ({path.name}) needs columns {wanted}; it has {sorted(first)}.")
 
 
-def _rows(path: Path) -> list[Any]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} must hold a JSON list of rows.")
-    return rows
+def _portable(path: Path) -> str:
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _first_row(path: Path) -> dict[str, Any]:
-    rows = _rows(path)
+    rows = read_rows(path)
     row = rows[0] if rows else None
     if not isinstance(row, dict):
         raise ValueError(f"{path} is empty or not a list of objects.")

@@ -20,6 +20,7 @@ from .evaluate import ab_accuracy, kl_to_base, language_rate, refusal_rate, targ
 from .evaluate.general import general_ability
 from .evaluate.generation import generate
 from .evaluate.health import generation_health
+from .precision import autocast
 from .recipe import Recipe
 from .stats import wilson_interval
 
@@ -127,19 +128,20 @@ def score_row(
     if out is not None and isinstance(model, PeftModel):
         model.save_pretrained(out)
     n_target, n_side = evaluator.n()
-    row = {
-        "variant": name,
-        "trainable_params": int(trainable),
-        "trainable_pct": 100.0 * trainable / total,
-        "adapter_bytes": adapter_bytes(out) if out is not None else 0,
-        "target": evaluator.target(model),
-        "target_n": n_target,
-        "side": evaluator.side(model),
-        "side_n": n_side,
-        "kl_to_base": evaluator.kl(model),
-        **evaluator.general(model),
-        "train_seconds": seconds,
-    }
+    with autocast(evaluator.ev.precision):
+        row = {
+            "variant": name,
+            "trainable_params": int(trainable),
+            "trainable_pct": 100.0 * trainable / total,
+            "adapter_bytes": adapter_bytes(out) if out is not None else 0,
+            "target": evaluator.target(model),
+            "target_n": n_target,
+            "side": evaluator.side(model),
+            "side_n": n_side,
+            "kl_to_base": evaluator.kl(model),
+            **evaluator.general(model),
+            "train_seconds": seconds,
+        }
     for key in ("target", "side"):
         if not is_missing(row[key]) and row[f"{key}_n"]:
             n = row[f"{key}_n"]

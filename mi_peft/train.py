@@ -21,6 +21,7 @@ from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from .checkpoints import resolve_checkpoint
+from .precision import resolve_precision
 
 SFT_FORMATS: tuple[tuple[str, ...], ...] = (("messages",), ("prompt", "completion"), ("text",))
 DPO_FORMAT: tuple[str, ...] = ("prompt", "chosen", "rejected")
@@ -70,8 +71,9 @@ def check_columns(dataset: Dataset, formats: Sequence[Sequence[str]], trainer: s
         raise ValueError(f"{trainer} data needs columns {wanted}; the dataset has {sorted(have)}.")
 
 
-def _common_args(max_steps: int, learning_rate: float, batch_size: int, seed: int) -> dict[str, Any]:
+def _common_args(max_steps: int, learning_rate: float, batch_size: int, seed: int, precision: str) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
+    bf16 = resolve_precision(precision) == "bfloat16"
     return dict(
         max_steps=max_steps,
         learning_rate=learning_rate,
@@ -82,8 +84,9 @@ def _common_args(max_steps: int, learning_rate: float, batch_size: int, seed: in
         report_to=[],
         seed=seed,
         use_cpu=not on_gpu,
-        # TRL defaults to bf16 mixed precision; CPUs without bf16 matmul units run it ~15x slower
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        # bf16 autocast (weights and optimizer stay float32) where the GPU or CPU has bf16 matrix units;
+        # TRL's own default turns it on everywhere, and CPUs without such units run it ~15x slower
+        bf16=bf16,
         disable_tqdm=False,
         # small models train faster without recomputation; pass gradient_checkpointing=True for large ones
         gradient_checkpointing=False,
@@ -140,12 +143,22 @@ def _run(
         resume = str(resolve_checkpoint(output_dir if resume is True else resume))
     trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.perf_counter() - started
+    _full_state_dict_for_saving(trainer)
     trainer.save_model(str(output_dir))
     if localization is not None and trainer.accelerator.is_main_process:
         localization.save(output_dir / "localization")
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    # keep_fp32_wrapper=False: under bf16 the prepared forward stays wrapped in autocast otherwise
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     trainable, total = model.get_nb_trainable_parameters()
     return TrainResult(model, output_dir, seconds, trainable, total, list(trainer.state.log_history))
+
+
+def _full_state_dict_for_saving(trainer: Any) -> None:
+    """Gather a full state dict for the final save: with FSDP's SHARDED_STATE_DICT, ``save_model``
+    writes no adapter file at all (accelerate's own advice: train sharded, save full)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
 def copy_reference_adapter(model: Any) -> int:
@@ -183,6 +196,7 @@ def sft(
     batch_size: int = 8,
     max_length: int | None = 256,
     seed: int = 0,
+    precision: str = "auto",
     localization: Any | None = None,
     callbacks: Sequence[TrainerCallback] | None = None,
     **sft_args: Any,
@@ -194,6 +208,8 @@ def sft(
             lists) or ``text`` rows; chat templates are applied by TRL. Loss is on completions
             only for prompt/completion data (TRL's default).
         peft_config: e.g. ``SparseConfig.from_localization(result, param_budget=0.001)``.
+        precision: ``"auto"`` (bfloat16 autocast where the CPU/GPU has bf16 matrix units, else
+            float32), ``"float32"`` or ``"bfloat16"``; see :mod:`mi_peft.precision`.
         localization: a ``LocalizationResult`` saved next to the adapter for provenance.
         **sft_args: any other ``trl.SFTConfig`` field (``gradient_accumulation_steps``, ...).
 
@@ -203,7 +219,11 @@ def sft(
     """
     from trl import SFTConfig, SFTTrainer
 
-    common = {**_common_args(max_steps, learning_rate, batch_size, seed), "max_length": max_length, **sft_args}
+    common = {
+        **_common_args(max_steps, learning_rate, batch_size, seed, precision),
+        "max_length": max_length,
+        **sft_args,
+    }
     return _run(
         SFTTrainer,
         SFTConfig,
@@ -232,6 +252,7 @@ def dpo(
     beta: float = 0.1,
     max_length: int | None = 256,
     seed: int = 0,
+    precision: str = "auto",
     localization: Any | None = None,
     callbacks: Sequence[TrainerCallback] | None = None,
     **dpo_args: Any,
@@ -240,11 +261,15 @@ def dpo(
 
     The reference model is the same network with the adapter disabled (TRL's behaviour for a
     PEFT model with ``ref_model=None``), so no second copy is held in memory.
-    Rows need ``prompt``, ``chosen`` and ``rejected`` (strings or message lists).
+    Rows need ``prompt``, ``chosen`` and ``rejected`` (strings or message lists); ``precision`` as in :func:`sft`.
     """
     from trl import DPOConfig, DPOTrainer
 
-    common = {**_common_args(max_steps, learning_rate, batch_size, seed), "beta": beta, "max_length": max_length}
+    common = {
+        **_common_args(max_steps, learning_rate, batch_size, seed, precision),
+        "beta": beta,
+        "max_length": max_length,
+    }
     return _run(
         DPOTrainer,
         DPOConfig,

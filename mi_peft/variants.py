@@ -127,7 +127,7 @@ def train(variant: Variant, recipe: Recipe, result: Any, tokenizer: Any, output_
     tr = recipe.train
     model, _ = load_model(recipe.model)
     config = peft_config(variant, recipe, result, model, seed)
-    common = dict(batch_size=tr.batch_size, max_length=tr.max_length, seed=seed)
+    common = dict(batch_size=tr.batch_size, max_length=tr.max_length, seed=seed, precision=tr.precision)
     dpo_args = dict(max_steps=tr.dpo_steps or tr.steps, beta=tr.dpo_beta, **common, **(tr.dpo_args or {}))
     dpo_rows = dpo_split(recipe)[0] if variant.method != "sft" else None
     if variant.method == "dpo":

@@ -72,7 +72,7 @@ def test_valid_minimal_recipe(tmp_path):
         (lambda r: r.update(train={"param_budgets": [0.001, float("nan")]}), r"has nan"),
         (lambda r: r.update(train={"seeds": 0}), r"`train.seeds` must be a positive integer"),
         (lambda r: r.update(evaluate={"piqa_n": 0}), r"`evaluate.piqa_n` must be a positive integer"),
-        (lambda r: r.update(locate={"components": ["heads", "mlp"]}), "unknown kind 'mlp'"),
+        (lambda r: r.update(locate={"components": ["heads", "mlp"]}), r"unknown kind\(s\) \['mlp'\]"),
         (lambda r: r.update(colour="red"), r"unknown top-level field\(s\) \['colour'\]"),
         (lambda r: r.update(evaluate={"n_test": 59}), r"pos.json has 60 rows but `evaluate.n_test` is 59"),
         (lambda r: r.update(evaluate={"behaviour": "target"}), "needs `evaluate.target`"),
@@ -140,3 +140,14 @@ def test_language_min_votes_must_be_positive(tmp_path, votes):
     path = _write(tmp_path, _base())
     with pytest.raises(ValueError, match="`evaluate.language_min_votes` must be a positive number"):
         load_recipe(path, [f"evaluate.language_min_votes={votes}"])
+
+
+def test_recipe_records_name_files_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A committed results.json must not carry the machine's absolute paths."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    record = load_recipe("refusal").to_dict()
+    assert record["path"] == str(Path("recipes", "refusal.yaml"))
+    assert record["sft"] == str(Path("recipes", "data", "refusal", "sft_train.jsonl"))
+    monkeypatch.chdir(tmp_path)  # outside the working directory a path stays absolute, never wrong
+    assert Path(load_recipe(repo / "recipes" / "refusal.yaml").to_dict()["path"]) == repo / "recipes" / "refusal.yaml"
