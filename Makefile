@@ -24,14 +24,17 @@ DEMO_SIZE := --steps 20 --dpo-steps 8 --n-test 40 --set train.dpo_from_sft=false
 	--set evaluate.max_new_tokens=16 --set steer.val_prompts=12 --set evaluate.piqa_n=32 --set evaluate.blimp_n=1 \
 	--set evaluate.ppl_texts=4 --set evaluate.health_prompts=16 --set evaluate.health_tokens=24
 
+# auto: bfloat16 autocast for training where the CPU/GPU has bf16 matrix units; PRECISION=float32 to force float32
+PRECISION ?= auto
+
 demo: $(STAMP)
 	.venv/bin/mi-peft info
-	.venv/bin/mi-peft run refusal $(DEMO_SIZE) --out runs/demo
+	.venv/bin/mi-peft run refusal $(DEMO_SIZE) --precision $(PRECISION) --out runs/demo
 
 # The full evidence: budget sweep x 3 seeds x every variant at recipe size, with side effects.
 # Several hours on 2 CPU cores; docs/results/ holds the runs made so far and their commands.
 evidence: $(STAMP)
-	.venv/bin/mi-peft run refusal --seeds 3 --budgets 0.0001,0.0003,0.0013,0.005 --out runs/evidence
+	.venv/bin/mi-peft run refusal --seeds 3 --budgets 0.0001,0.0003,0.0013,0.005 --precision $(PRECISION) --out runs/evidence
 
 test: $(STAMP)
 	.venv/bin/ruff check .

@@ -140,6 +140,11 @@ def _plot_pareto(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]
                     label=name,
                 )
         axis.set_xscale("log")
+        # ticks at the budgets (the first series' sizes; the others match within 10%): minor labels overlap
+        first = next((a for a in _SERIES if any(r.get("adapter") == a for r in rows)), None)
+        ticks = sorted({r["trainable_pct"] for r in rows if r.get("method") == "sft" and r.get("adapter") == first})
+        axis.set_xticks(ticks, [f"{t:.2g}%" for t in ticks])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_ylim(0, 1)
         axis.set_title(label, fontsize=9)
         axis.set_xlabel("trainable parameters (% of model, log scale)")
