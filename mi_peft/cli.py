@@ -13,7 +13,7 @@ from .recipe import parse_layers
 
 def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None, help="Hugging Face model id or local folder (default: embedded SmolLM2-135M-Instruct)."
+        "--model", default=None, help="Hugging Face id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."
     )
 
 

@@ -1,8 +1,9 @@
 """Training and evaluation precision: bfloat16 autocast where the hardware multiplies bfloat16 natively.
 
 On a CPU with bfloat16 matrix units (Intel AMX, AVX-512-BF16, Arm's BF16 extension) autocast runs the
-matmuls in bfloat16 and keeps weights, optimizer state and reductions in float32: measured on the
-embedded model, steps ran about 1.4x faster with the same loss curve. Without such units, bfloat16
+matmuls in bfloat16 and keeps weights, optimizer state and reductions in float32: measured by
+``benchmarks/adapters.py`` on the embedded model, sparse steps ran 1.65-2.18x faster and the held-out
+loss after 20 steps matched float32's to 2e-4. Without such units, bfloat16
 is emulated and several times *slower*, so ``"auto"`` keeps float32 there. Locating stays in float32
 everywhere: attribution scores are differences of small gradients.
 """
