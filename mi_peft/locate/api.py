@@ -8,6 +8,7 @@ Example:
     >>> pairs = ContrastivePairs.load("recipes/data/refusal").subset(32)
     >>> result = locate(model, tokenizer, pairs, method="attribution_patching", metric="refusal")
     >>> result.top("heads", k=5)
+    >>> readers = locate(model, tokenizer, ["The capital of France is"], method="attention", target_tokens=[" France"])
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any
 from torch import nn
 
 from ..arch import spec_for
-from ..data import ContrastivePairs, format_prompts, tokenize
+from ..data import ContrastivePairs, check_texts, format_prompts, tokenize
 from ..metrics import Metric, get_metric, metric_name
-from . import causal, gradient, magnitude
+from . import attention, causal, gradient, magnitude
 from .magnitude import KINDS, check_positions
 from .result import LocalizationResult
 
@@ -39,6 +40,9 @@ METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str,
     "ablation": (causal.ablation, True, ("last", "all")),
     "probe": (causal.probe, False, ("last", "all", "mean")),
 }
+# Methods that score heads by where they attend (no metric, no contrast needed): name -> allowed string positions.
+# Kept apart from METHODS because they take prompts or pairs plus ``target_tokens`` rather than a contrast alone.
+TARGET_METHODS: dict[str, tuple[str, ...]] = {"attention": attention.POSITIONS}
 DEFAULT_METRIC = "refusal"
 _COMMON = {"model", "batches", "class_batches", "metric", "components", "positions", "progress"}
 
@@ -46,9 +50,9 @@ _COMMON = {"model", "batches", "class_batches", "metric", "components", "positio
 def locate(
     model: nn.Module,
     tokenizer: Any,
-    pairs: ContrastivePairs | Mapping[str, Sequence[str]],
+    pairs: ContrastivePairs | Mapping[str, Sequence[str]] | Sequence[str],
     method: str = "attribution_patching",
-    components: str | Sequence[str] = KINDS,
+    components: str | Sequence[str] | None = None,
     metric: str | Metric | None = None,
     positions: str | Sequence[int] = "last",
     batch_size: int = 8,
@@ -63,9 +67,10 @@ def locate(
             ``requires_grad`` flags it came with.
         tokenizer: its tokenizer (chat template used when present, unless ``chat=False``).
         pairs: :class:`ContrastivePairs` (positive = behaviour present). ``method="lape"`` also takes
-            ``{class_name: [prompts]}`` with two or more classes.
-        method: one of :data:`METHODS` (see the README table for what each score means).
-        components: any of ``"heads"``, ``"neurons"``, ``"residual"``.
+            ``{class_name: [prompts]}`` with two or more classes; ``method="attention"`` also takes a list of prompts.
+        method: one of :data:`METHODS` or :data:`TARGET_METHODS` (see the README table for what each score means).
+        components: any of ``"heads"``, ``"neurons"``, ``"residual"``; ``None`` = every kind the method scores
+            (all three; heads only for ``"attention"``).
         metric: metric name or callable ``(logits, batch) -> [batch]`` for gradient and causal methods;
             ``None`` means ``"refusal"`` for them. Magnitude methods and ``probe`` use none.
         positions: ``"last"`` (last real token), ``"all"``, ``"mean"`` (magnitude/probe only) or token
@@ -75,15 +80,20 @@ def locate(
         progress: show a tqdm progress bar.
         **method_kwargs: method options, e.g. ``max_batch``, ``neuron_sample``, ``seed`` (causal),
             ``mode`` (ablation), ``stat`` (activation_stats), ``min_prob`` (lape), ``test_size``,
-            ``steps`` (probe). Unknown options raise a ValueError listing the valid ones.
+            ``steps`` (probe), ``target_tokens`` (attention: strings whose prompt positions the heads are scored
+            on attending to). Unknown options raise a ValueError listing the valid ones.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}.")
-    fn, needs_metric, allowed = METHODS[method]
-    kinds = _check_components(components)
-    positions = check_positions(positions, allowed)
+    if method not in METHODS and method not in TARGET_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted([*METHODS, *TARGET_METHODS])}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    if method in TARGET_METHODS:
+        return _locate_attention(
+            model, tokenizer, pairs, components, metric, positions, batch_size, chat, progress, method_kwargs
+        )
+    fn, needs_metric, allowed = METHODS[method]
+    kinds = _check_components(KINDS if components is None else components)
+    positions = check_positions(positions, allowed)
     options = {n for n in inspect.signature(fn).parameters if n not in _COMMON}
     unknown = sorted(set(method_kwargs) - options)
     if unknown:
@@ -109,7 +119,8 @@ def locate(
     else:
         if not isinstance(pairs, ContrastivePairs):
             raise ValueError(
-                f"`pairs` must be ContrastivePairs (see ContrastivePairs.load), got {type(pairs).__name__}."
+                f"`pairs` must be ContrastivePairs (see ContrastivePairs.load), got {type(pairs).__name__}; "
+                "a plain list of prompts is accepted by method='attention' only."
             )
         if len(pairs) == 0:
             raise ValueError("`pairs` is empty; locate needs at least one contrastive pair.")
@@ -119,6 +130,59 @@ def locate(
         extra["n_pairs"] = len(pairs)
     extra.update(method_extra)
     return LocalizationResult.from_model(model, scores, method, metric=metric_label, data_hash=data_hash, extra=extra)
+
+
+def _locate_attention(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Any,
+    components: str | Sequence[str] | None,
+    metric: Any,
+    positions: Any,
+    batch_size: int,
+    chat: bool | None,
+    progress: bool,
+    options: dict[str, Any],
+) -> LocalizationResult:
+    """``method="attention"``: prompts (or pairs, positive minus negative) and ``target_tokens`` -> head scores."""
+    if components is not None and _check_components(components) != ("heads",):
+        raise ValueError(
+            f"method='attention' scores attention heads only; pass components=('heads',), got {components!r}."
+        )
+    positions = check_positions(positions, TARGET_METHODS["attention"])
+    unknown = sorted(set(options) - {"target_tokens"})
+    if unknown:
+        raise ValueError(f"method 'attention' got unknown options {unknown}; valid options: ['target_tokens'].")
+    if "target_tokens" not in options:
+        raise ValueError("method='attention' needs `target_tokens=[...]`: the strings whose prompt positions to score.")
+    if metric is not None:
+        warnings.warn(f"method 'attention' uses no metric; `metric={metric!r}` is ignored.", stacklevel=3)
+    spec_for(model)
+    extra: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "components": ["heads"]}
+    if isinstance(data, ContrastivePairs):
+        if len(data) == 0:
+            raise ValueError("`pairs` is empty; locate needs at least one contrastive pair.")
+        batches = list(data.batches(tokenizer, batch_size=batch_size, chat=chat))
+        positive, negative = [p for p, _ in batches], [n for _, n in batches]
+        data_hash, extra["n_pairs"] = data.data_hash(), len(data)
+    else:
+        if isinstance(data, Mapping):
+            raise ValueError("a dict of classes is only accepted by method='lape'; 'attention' takes prompts or pairs.")
+        prompts = check_texts([data] if isinstance(data, str) else data, "prompts")
+        texts = format_prompts(tokenizer, prompts, chat=chat)
+        positive = [tokenize(tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        negative, data_hash, extra["n_prompts"] = None, _hash_classes({"prompts": prompts}), len(prompts)
+    scores, method_extra = attention.attention(
+        model,
+        tokenizer,
+        positive,
+        negative,
+        target_tokens=options["target_tokens"],
+        positions=positions,
+        progress=progress,
+    )
+    extra.update(method_extra)
+    return LocalizationResult.from_model(model, scores, "attention", data_hash=data_hash, extra=extra)
 
 
 def _check_components(components: str | Sequence[str]) -> tuple[str, ...]:

@@ -1,0 +1,129 @@
+"""examples/*.py at tiny size on a tiny random model folder: numbers are right, summary and plot are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from mi_peft.capture import ablate
+from mi_peft.components import ComponentSet
+from mi_peft.data import ContrastivePairs, format_prompts, tokenize
+from mi_peft.metrics import COMPLIANCE_TOKENS, REFUSAL_TOKENS, get_metric
+from mi_peft.models import load_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def example(name: str):
+    """Import ``examples/<name>.py`` (its name starts with a digit, so not with ``import``)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny llama folder with a word-level tokenizer that knows the refusal metric's opener words."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny("llama").save_pretrained(path)
+    words = ["<unk>", "<eos>", *REFUSAL_TOKENS, *COMPLIANCE_TOKENS]
+    words += [f"w{i}" for i in range(96 - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>").save_pretrained(path)
+    return path
+
+
+def _png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_logit_lens_example(tiny_dir, tmp_path):
+    """Answers are the model's own first and second choices: final ranks must come out as 0 and 1."""
+    model, tok = load_model(str(tiny_dir))
+    prompts = ["w5 w6 w7", "w9 w10"]
+    answers = []
+    for rank, prompt in enumerate(prompts):
+        with torch.no_grad():
+            logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1]
+        answers.append(tok.decode([int(logits.argsort(descending=True)[rank])]))
+    items = tmp_path / "prompts.json"
+    items.write_text(json.dumps([{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]))
+    out = tmp_path / "lens"
+    result = example("01_logit_lens").main(["--model", str(tiny_dir), "--out", str(out), "--prompts-file", str(items)])
+    assert result["n_prompts"] == 2 and result["n_layers"] == 2
+    assert [r["final_rank"] for r in result["rows"]] == [0, 1] and result["n_correct"] == 1
+    ranks, probs = torch.tensor(result["ranks"]), torch.tensor(result["probs"])
+    assert ranks.shape == probs.shape == (2, 2) and torch.isfinite(probs).all() and ((probs > 0) & (probs < 1)).all()
+    first = result["rows"][0]
+    assert first["first_top1"] in (0, 1) and first["settled_top1"] is not None and first["first_top10"] is not None
+    assert result["rows"][1]["first_top1"] is None or result["rows"][1]["settled_top1"] is None
+    summary = (out / "summary.md").read_text()
+    assert "**1/2**" in summary and all(f"{r['final_prob']:.3f}" in summary for r in result["rows"])
+    assert _png(out / "lens.png") and json.loads((out / "results.json").read_text())["n_correct"] == 1
+    with pytest.raises(ValueError, match="--prompts must be between 1 and 2"):
+        example("01_logit_lens").main(["--model", str(tiny_dir), "--prompts-file", str(items), "--prompts", "3"])
+
+
+def _refusal_metric_under(model, tok, prompts, components: dict) -> float:
+    """Mean refusal metric of ``prompts`` with ``components`` zero-ablated, one prompt at a time."""
+    metric, comps = get_metric("refusal", tok), ComponentSet.from_dict(components)
+    heads = {int(k): v for k, v in comps.heads.items()} or None
+    neurons = {int(k): v for k, v in comps.neurons.items()} or None
+    values = []
+    with torch.no_grad(), ablate(model, heads=heads, neurons=neurons):
+        for text in format_prompts(tok, prompts):
+            batch = tokenize(tok, [text])
+            values.append(float(metric(model(**batch).logits, batch)[0]))
+    return sum(values) / len(values)
+
+
+def test_controlled_ablation_example(tiny_dir, tmp_path):
+    out = tmp_path / "ablation"
+    args = ["--model", str(tiny_dir), "--out", str(out), "--pairs", "6", "--eval-prompts", "5", "--ks", "2,1"]
+    args += ["--random-seeds", "2", "--ppl-texts", "2", "--piqa", "4", "--blimp", "1", "--batch-size", "3"]
+    result = example("04_controlled_ablation").main(args)
+    assert result["ks"] == [1, 2] and len(result["located"]) == len(result["random"]) == 2
+    for loc, rnd in zip(result["located"], result["random"], strict=True):
+        assert loc["heads"] + loc["neurons"] == loc["k"] and len(rnd["draws"]) == 2
+        for draw in rnd["draws"]:  # the control has as many heads and neurons as the located set
+            assert (draw["heads"], draw["neurons"]) == (loc["heads"], loc["neurons"])
+        for point in (loc, rnd, *rnd["draws"]):
+            assert all(math.isfinite(point[key]) for key in ("metric", "perplexity", "metric_drop", "ppl_increase"))
+    clean = result["clean"]
+    assert {"metric", "perplexity", "piqa", "blimp"} <= set(clean) and 0 <= result["located"][-1]["piqa"] <= 1
+    assert "blimp" in result["random"][-1]["draws"][0] and "piqa" not in result["located"][0]
+
+    # The reported numbers match an independent re-measurement with the recorded components ablated.
+    model, tok = load_model(str(tiny_dir))
+    held_out = ContrastivePairs.load(EXAMPLES.parent / "recipes" / "data" / "refusal", split="test").positive[:5]
+    assert _refusal_metric_under(model, tok, held_out, {}) == pytest.approx(clean["metric"], abs=1e-4)
+    for point in (result["located"][-1], result["random"][0]["draws"][1]):
+        ablated = _refusal_metric_under(model, tok, held_out, point["components"])
+        assert ablated == pytest.approx(point["metric"], abs=1e-4)
+        assert point["metric_drop"] == pytest.approx(clean["metric"] - ablated, abs=1e-4)
+
+    summary = (out / "summary.md").read_text()
+    for point in result["located"] + result["random"]:
+        assert f"{point['metric_drop']:+.3f}" in summary and f"{point['ppl_increase']:+.2f}" in summary
+    assert f"{clean['metric']:.3f}" in summary and "PIQA accuracy at k=2" in summary
+    assert _png(out / "ablation.png") and json.loads((out / "results.json").read_text())["ks"] == [1, 2]
+    with pytest.raises(ValueError, match="--ks must be comma-separated positive integers"):
+        example("04_controlled_ablation").main(["--ks", "0,2"])
