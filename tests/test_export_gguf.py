@@ -81,8 +81,16 @@ def test_adapters_a_control_vector_cannot_express_are_refused(kwargs, message, t
 def test_scale_only_adapter_and_bad_paths_are_refused(tmp_path):
     pm = get_peft_model(make_tiny("llama"), SteeringConfig(neuron_scales={1: {3: 0.0}}))
     pm.save_pretrained(tmp_path / "scales")
-    with pytest.raises(ValueError, match="scale-only"):
+    with pytest.raises(ValueError, match="head/neuron-scale"):
         to_gguf_control_vector(tmp_path / "scales", tmp_path / "steer.gguf")
+    # a residual `add` together with head steering: the head part must not be dropped silently
+    spec_heads = {0: {1: torch.ones(8)}}  # tiny llama: head_dim 8
+    config = SteeringConfig.from_directions({0: torch.ones(32)}, layers=[0], alpha=2.0)
+    config.head_directions, config.head_stds = spec_heads, {0: {1: 0.5}}
+    pm = get_peft_model(make_tiny("llama"), config)
+    pm.save_pretrained(tmp_path / "with_heads")
+    with pytest.raises(ValueError, match="steers attention heads"):
+        to_gguf_control_vector(tmp_path / "with_heads", tmp_path / "steer.gguf")
     with pytest.raises(ValueError, match="not a saved steering adapter"):
         to_gguf_control_vector(tmp_path / "missing", tmp_path / "steer.gguf")
     writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama")

@@ -73,8 +73,13 @@ def control_vectors(steering_dir: str | os.PathLike) -> dict[int, torch.Tensor]:
 
 def _vectors(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
     op = config.get("op")
+    if config.get("head_stds"):
+        raise ValueError(
+            "the adapter steers attention heads (head_directions), which act inside the attention block; a llama.cpp "
+            "control vector only adds to the residual stream. Export an adapter with only `op='add'`."
+        )
     if op != "add":
-        what = "a scale-only" if op is None else f"an `op={op!r}`"
+        what = "a head/neuron-scale" if op is None else f"an `op={op!r}`"
         raise ValueError(
             f"{what} steering adapter cannot be exported as a control vector: llama.cpp control vectors only add "
             "a fixed vector per layer. Merge ablation and head/neuron scales into the weights with "

@@ -13,6 +13,7 @@ from peft.utils import TaskType
 
 from .._derived import set_peft_type_and_check_targets
 from .condition import CalibrationReport, SteeringCondition, calibrate_condition, check_condition_fields, unit_vector
+from .heads import check_head_vectors, top_head_fields
 
 Op = Literal["add", "ablate", "clamp"]
 PositionMode = Literal["all", "prompt", "generated"]
@@ -22,11 +23,13 @@ POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
 
 @dataclass
 class SteeringConfig(PeftConfig):
-    """Configuration of a :class:`SteeringModel`: add, project out or clamp a direction; scale heads/neurons.
+    """Configuration of a :class:`SteeringModel`: add, project out or clamp a direction; scale or steer heads/neurons.
 
     Build it with :meth:`from_directions`, which also stores the direction vectors; they are saved
     as ``steer_direction`` buffers in ``adapter_model.safetensors``, so the adapter folder is
     self-contained. A scale-only adapter is ``SteeringConfig(head_scales=..., neuron_scales=...)``.
+    Head steering (ITI) is ``SteeringConfig(head_directions=..., head_stds=..., alpha=...)`` or
+    :meth:`from_head_probes`; its directions are saved as ``steer_head_direction`` buffers.
 
     Args:
         op (`str`, *optional*, defaults to `None`): ``"add"`` adds ``alpha * r`` (``r`` the unit direction) to
@@ -37,13 +40,22 @@ class SteeringConfig(PeftConfig):
         layers (`list[int]`, *optional*): decoder layers whose output is steered (``add``/``clamp``); for
             ``ablate`` the single layer whose direction is projected out everywhere.
         alpha (`float` or `dict[int, float]`, defaults to `1.0`): strength of ``add`` in residual-stream
-            units: the added vector is ``alpha`` times the *unit* direction, per layer if a dict.
+            units: the added vector is ``alpha`` times the *unit* direction, per layer if a dict. For head
+            steering, the strength in units of each head's ``head_stds``.
         value (`float`, *optional*): target projection of ``clamp``.
         positions (`str`, defaults to `"all"`): ``"all"`` tokens, only the ``"prompt"`` tokens, or only the
             ``"generated"`` tokens (positions after the prompt given to ``generate``).
         head_scales (`dict[int, dict[int, float]]`, *optional*): ``{layer: {head: factor}}``; multiplies a
             head's output (0 ablates it, >1 amplifies it).
         neuron_scales (`dict[int, dict[int, float]]`, *optional*): ``{layer: {neuron: factor}}``.
+        head_directions (`dict[int, dict[int, Tensor]]`, *optional*): ``{layer: {head: vector [head_dim]}}``;
+            head steering (Inference-Time Intervention, Li et al. 2023) adds ``alpha * head_stds[layer][head]
+            * vector / ||vector||`` to that head's output, the input columns ``head * head_dim:(head + 1) *
+            head_dim`` of the attention output projection (after any ``head_scales`` of the same adapter).
+            Stored as unit vectors; saved in ``adapter_model.safetensors``, not in ``adapter_config.json``.
+        head_stds (`dict[int, dict[int, float]]`, *optional*): ``{layer: {head: sigma}}``, one per steered head:
+            the standard deviation of that head's activations projected on its direction (see
+            :func:`~mi_peft.tuners.steering.head_directions`). Its keys name the steered heads in the saved config.
         condition (`dict`, *optional*): conditional steering (``layer``, ``threshold``, ``comparator``,
             ``measure``; see :class:`SteeringCondition`); the condition direction is saved as a buffer.
         model_type (`str`, *optional*): ``config.model_type`` of the base model (filled in on creation).
@@ -69,6 +81,12 @@ class SteeringConfig(PeftConfig):
     )
     neuron_scales: dict[int, dict[int, float]] | None = field(
         default=None, metadata={"help": "{layer: {neuron: factor}}; 0 ablates, >1 amplifies."}
+    )
+    head_directions: dict[int, dict[int, Any]] | None = field(
+        default=None, metadata={"help": "{layer: {head: vector [head_dim]}}: head steering directions (ITI)."}
+    )
+    head_stds: dict[int, dict[int, float]] | None = field(
+        default=None, metadata={"help": "{layer: {head: sigma}}: std of each steered head along its direction."}
     )
     condition: dict[str, Any] | None = field(
         default=None, metadata={"help": "Conditional steering: layer, threshold, comparator, measure."}
@@ -105,14 +123,19 @@ class SteeringConfig(PeftConfig):
         self.alpha = _alpha(self.alpha)
         self.head_scales = _scale_map(self.head_scales, "head_scales")
         self.neuron_scales = _scale_map(self.neuron_scales, "neuron_scales")
+        self.head_stds = _scale_map(self.head_stds, "head_stds", positive=True)
+        self.head_directions = check_head_vectors(self.head_directions, self.head_stds)
         if self.condition is not None:
             self.condition = check_condition_fields(self.condition)
         self._check_combination()
 
     def _check_combination(self) -> None:
-        has_scales = bool(self.head_scales or self.neuron_scales)
+        has_scales = bool(self.head_scales or self.neuron_scales or self.head_stds)
         if self.op is None and not has_scales:
-            raise ValueError("the adapter does nothing: set `op` (use `SteeringConfig.from_directions`) or scales.")
+            raise ValueError(
+                "the adapter does nothing: set `op` (use `SteeringConfig.from_directions`), scales or head "
+                "directions (`SteeringConfig.from_head_probes`)."
+            )
         if self.op in ("add", "clamp") and not self.layers:
             raise ValueError(f"`op={self.op!r}` needs `layers`: the decoder layers whose output is steered.")
         if self.op == "ablate" and (not self.layers or len(self.layers) != 1):
@@ -122,14 +145,16 @@ class SteeringConfig(PeftConfig):
             )
         if self.op == "clamp" and (not isinstance(self.value, (int, float)) or not math.isfinite(self.value)):
             raise ValueError(f"`op='clamp'` needs a finite `value` (the target projection), got {self.value!r}.")
-        if isinstance(self.alpha, dict) and self.op == "add":
-            missing = sorted(set(self.layers or []) - set(self.alpha))
+        if isinstance(self.alpha, dict):
+            missing = sorted((set(self.layers or []) if self.op == "add" else set()) | set(self.head_layers))
+            missing = [layer for layer in missing if layer not in self.alpha]
             if missing:
                 raise ValueError(f"`alpha` has no value for layers {missing}; give one per steered layer.")
         if self.condition is not None and (self.op not in ("add", "clamp") or has_scales):
             raise ValueError(
-                "conditional steering applies to `op='add'` or `'clamp'` without head/neuron scales; "
-                f"got op={self.op!r}, scales={'yes' if has_scales else 'no'}. Put scales in a separate adapter."
+                "conditional steering applies to `op='add'` or `'clamp'` without head/neuron scales or head "
+                f"directions; got op={self.op!r}, scales or head directions={'yes' if has_scales else 'no'}. "
+                "Put those in a separate adapter."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,11 +162,17 @@ class SteeringConfig(PeftConfig):
         ``PeftModel.from_pretrained(base, dir, ignore_fingerprint=True)`` reaches the config."""
         out = super().to_dict()
         out.pop("ignore_fingerprint", None)
+        out.pop("head_directions", None)  # tensors: saved as `steer_head_direction` buffers; head_stds names the heads
         return out
 
     def alpha_for(self, layer: int) -> float:
-        """Strength of ``add`` at ``layer``."""
+        """Strength of ``add`` and of head steering at ``layer``."""
         return float(self.alpha[layer]) if isinstance(self.alpha, dict) else float(self.alpha)
+
+    @property
+    def head_layers(self) -> list[int]:
+        """Layers with head steering (``head_stds`` names the steered heads)."""
+        return sorted(self.head_stds or {})
 
     @property
     def steered_layers(self) -> list[int]:
@@ -218,6 +249,46 @@ class SteeringConfig(PeftConfig):
             raise ValueError("the condition direction and the steering directions have different lengths.")
         return config
 
+    @classmethod
+    def from_head_probes(
+        cls,
+        result: Any,
+        directions: Any,
+        *,
+        top_k: int,
+        alpha: float | Mapping[int, float],
+        head_stds: Mapping[int, Mapping[int, float]] | None = None,
+        positions: PositionMode = "all",
+        **kwargs: Any,
+    ) -> SteeringConfig:
+        """Head steering (ITI) of the ``top_k`` best heads of a locate result, along their directions.
+
+        Args:
+            result: a ``LocalizationResult`` with ``"heads"`` scores, normally from ``locate(..., method="probe")``
+                (held-out probe accuracy per head); the ``top_k`` highest are steered (``result.top("heads")``).
+            directions: a :class:`~mi_peft.tuners.steering.HeadDirections` (from
+                :func:`~mi_peft.tuners.steering.head_directions`: mass-mean directions and their ``sigma``), or a
+                ``{layer: {head: vector}}`` dict together with ``head_stds``.
+            top_k: number of heads to steer.
+            alpha: strength in units of each head's ``sigma`` (per layer if a dict); ITI used 15 on LLaMA-7B.
+            head_stds: ``{layer: {head: sigma}}``; overrides the stds of ``directions``.
+            positions, kwargs: other :class:`SteeringConfig` fields.
+
+        Example:
+            >>> result = locate(model, tok, pairs, method="probe", components="heads")
+            >>> cfg = SteeringConfig.from_head_probes(result, head_directions(model, tok, pairs), top_k=16, alpha=15.0)
+        """
+        chosen, sigma, provenance = top_head_fields(result, directions, top_k, head_stds)
+        for key, value in provenance.items():
+            kwargs.setdefault(key, value)
+        return cls(
+            head_directions=chosen,
+            head_stds=sigma,
+            alpha=dict(alpha) if isinstance(alpha, Mapping) else alpha,
+            positions=positions,
+            **kwargs,
+        )
+
     @staticmethod
     def calibrate_condition(
         model: Any,
@@ -285,13 +356,20 @@ def _alpha(alpha: Any) -> float | dict[int, float]:
     return _finite(alpha, "`alpha`")
 
 
-def _scale_map(scales: Any, name: str) -> dict[int, dict[int, float]] | None:
-    """``{layer: {index: factor}}`` with int keys (JSON turns them into strings) and finite factors."""
+def _scale_map(scales: Any, name: str, positive: bool = False) -> dict[int, dict[int, float]] | None:
+    """``{layer: {index: factor}}`` with int keys (JSON turns them into strings) and finite factors (> 0 if
+    ``positive``)."""
     if not scales:
         return None
+    if not isinstance(scales, Mapping):
+        raise ValueError(f"`{name}` must be a {{layer: {{index: value}}}} dict, got {type(scales).__name__}.")
     out: dict[int, dict[int, float]] = {}
     for layer, factors in scales.items():
         if not isinstance(factors, Mapping) or not factors:
             raise ValueError(f"`{name}[{layer}]` must be a non-empty {{index: factor}} dict, got {factors!r}.")
-        out[int(layer)] = {int(i): _finite(f, f"`{name}[{layer}][{i}]`") for i, f in factors.items()}
+        values = {int(i): _finite(f, f"`{name}[{layer}][{i}]`") for i, f in factors.items()}
+        bad = {i: v for i, v in values.items() if positive and v <= 0}
+        if bad:
+            raise ValueError(f"`{name}[{layer}]` values must be > 0, got {bad}.")
+        out[int(layer)] = values
     return out

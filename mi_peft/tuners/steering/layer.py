@@ -2,8 +2,8 @@
 
 A wrapped decoder layer edits its output (the residual stream after the layer) for ``add`` and
 ``clamp``, reads it for a condition, and, for the duration of its own forward only, hooks its
-attention/MLP output projections to scale heads/neurons (their inputs) and to project the
-ablated direction out of what they write to the residual stream. Hooks are registered and
+attention/MLP output projections to scale heads/neurons and shift steered heads (their inputs)
+and to project the ablated direction out of what they write to the residual stream. Hooks are registered and
 removed inside each forward, so nothing outlives the wrapper and copies of the model stay
 independent. Which tokens are prompt or generated comes from a :class:`SteeringState` shared by
 all layers of one adapter model (see :mod:`.model`).
@@ -11,9 +11,8 @@ all layers of one adapter model (see :mod:`.model`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,75 +23,33 @@ from torch import nn
 from ...arch import ArchSpec, _get
 from .._merge import add_to_bias
 from .condition import condition_scores, decide
-from .state import SteeringState
-
-# Families whose sublayer outputs pass through a norm before reaching the residual stream: the
-# direction must be projected out of that norm's output, and ablation cannot merge into weights.
-POST_NORM_WRITERS: dict[str, tuple[str, str]] = {
-    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
-    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
-    "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
-}
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What one adapter does at one wrapped module."""
-
-    adapter: str
-    layer: int  # -1 for an input embedding
-    positions: str
-    op: str | None = None  # "add"/"clamp" when this layer's output is steered
-    alpha: float = 0.0
-    value: float | None = None
-    ablate: bool = False
-    head_scale: bool = False
-    neuron_scale: bool = False
-    condition: dict[str, Any] | None = None
-    is_condition_layer: bool = False
-
-    def merge_error(self, model_type: str, mlp_out_bias: bool = False) -> str | None:
-        """Why this plan cannot be merged into weights (``None`` when it can).
-
-        ``add`` merges into the bias of the layer's MLP output projection, which writes straight into
-        the residual stream, so it needs that bias (``mlp_out_bias``) and no norm after the MLP.
-        """
-        if self.op == "add" and (not mlp_out_bias or model_type in POST_NORM_WRITERS):
-            return (
-                "`op='add'` adds a constant vector to the residual stream, which this model can only hold in the "
-                "bias of an MLP output projection that writes straight into the residual stream, and it has none. "
-                "Keep the adapter unmerged, or export it for llama.cpp with "
-                "`mi_peft.export.to_gguf_control_vector(adapter_dir, 'steer.gguf')`."
-            )
-        if self.op == "clamp":
-            return "`op='clamp'` sets a projection of the residual stream; it has no weight form. Keep it unmerged."
-        if self.condition is not None:
-            return "conditional steering decides per prompt at run time; it cannot be merged into weights."
-        if self.positions != "all":
-            return f"`positions={self.positions!r}` acts on some tokens only; only positions='all' can be merged."
-        if self.ablate and model_type in POST_NORM_WRITERS:
-            return (
-                f"directional ablation cannot merge exactly into {model_type} weights: a norm after each attention/"
-                "MLP output re-scales channels before the residual stream. Keep the adapter unmerged."
-            )
-        return None
-
-
-def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``x - (x · r) r`` along the last axis (``r`` a unit vector)."""
-    r = r.to(x.device, x.dtype)
-    return x - (x @ r)[..., None] * r
-
-
-def _masked(new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return new if mask is None else torch.where(mask, new, old)
+from .plan import (
+    POST_NORM_WRITERS,
+    DerivedCache,
+    LayerPlan,
+    _masked,
+    _project_weight,
+    _scale_weight,
+    _shift_input,
+    head_overlap_error,
+    project_out,
+)
+from .state import Mask, SteeringState
 
 
 class SteeringTunerLayer(BaseTunerLayer):
     """State shared by both steering layer types: per-adapter plans, directions and merge backups."""
 
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names = ("steer_plan", "steer_direction", "steer_condition", "steer_head_scale", "steer_neuron_scale")
+    other_param_names = (
+        "steer_plan",
+        "steer_direction",
+        "steer_condition",
+        "steer_head_scale",
+        "steer_neuron_scale",
+        "steer_head_direction",
+        "steer_head_std",
+    )
 
     def _init_steering(self, base_layer: nn.Module, spec: ArchSpec, state: SteeringState) -> None:
         self.base_layer = base_layer
@@ -103,6 +60,9 @@ class SteeringTunerLayer(BaseTunerLayer):
         self.steer_condition = BufferDict({}, persistent=True)
         self.steer_head_scale = BufferDict({}, persistent=False)
         self.steer_neuron_scale = BufferDict({}, persistent=False)
+        self.steer_head_direction = BufferDict({}, persistent=True)  # [n_heads, head_dim], zeros if not steered
+        self.steer_head_std = BufferDict({}, persistent=False)  # [n_heads] sigma from the config, 0 if not steered
+        self.steer_cache = DerivedCache()  # cast and scaled vectors, rebuilt when a source buffer changes
         self.steer_backup: dict[str, list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]] = {}
         self.steer_checked: set[str] = set()
         self._disable_adapters = False
@@ -127,12 +87,18 @@ class SteeringTunerLayer(BaseTunerLayer):
     def _check_loaded(self, plan: LayerPlan) -> None:
         """A direction that is still all zeros was never given (nor loaded): refuse instead of doing nothing."""
         missing = (plan.op is not None or plan.ablate) and not bool(self.steer_direction[plan.adapter].any())
+        missing = missing or (plan.head_steer and not bool(self.steer_head_direction[plan.adapter].any()))
         if missing or (plan.is_condition_layer and not bool(self.steer_condition[plan.adapter].any())):
             raise ValueError(
                 f"steering adapter {plan.adapter!r} has no direction at layer {plan.layer}: build its config with "
-                "`SteeringConfig.from_directions(...)` or load a saved adapter with `PeftModel.from_pretrained`."
+                "`SteeringConfig.from_directions(...)` (heads: `head_directions=` or `SteeringConfig.from_head_probes`) "
+                "or load a saved adapter with `PeftModel.from_pretrained`."
             )
         self.steer_checked.add(plan.adapter)
+
+    def _cached(self, name: str, adapter: str, like: torch.Tensor, sources: tuple, build: Callable) -> torch.Tensor:
+        """``build(like)``, derived from ``sources`` for inputs like ``like``, built once (see :class:`DerivedCache`)."""
+        return self.steer_cache.get((name, adapter), like, sources, build)
 
     def _store_direction(self, adapter: str, vector: torch.Tensor | None, d_model: int) -> None:
         """Keep the unit direction (zeros until a saved adapter's state dict is loaded into it)."""
@@ -197,32 +163,6 @@ class SteeringTunerLayer(BaseTunerLayer):
                     module.bias.data = bias
 
 
-def _project_weight(r: torch.Tensor, conv1d: bool, rows_are_outputs: bool = True):
-    """Merge fn making a module's output orthogonal to ``r``: ``W <- P W``, ``b <- P b`` (computed in float32)."""
-
-    def fn(weight: torch.Tensor, bias: torch.Tensor | None):
-        w, rr = weight.float(), r.to(weight.device, torch.float32)
-        if conv1d or not rows_are_outputs:  # [in, out] (Conv1D) or [vocab, d_model] (embedding)
-            w = w - torch.outer(w @ rr, rr)
-        else:  # nn.Linear [out, in]
-            w = w - torch.outer(rr, rr @ w)
-        b = None if bias is None else (bias.float() - (bias.float() @ rr) * rr).to(bias.dtype)
-        return w.to(weight.dtype), b
-
-    return fn
-
-
-def _scale_weight(scale: torch.Tensor, conv1d: bool):
-    """Merge fn multiplying the input features of a projection by ``scale``."""
-
-    def fn(weight: torch.Tensor, bias: torch.Tensor | None):
-        s = scale.to(weight.device, torch.float32)
-        w = weight.float() * (s[:, None] if conv1d else s[None, :])
-        return w.to(weight.dtype), bias
-
-    return fn
-
-
 class _SteeringModule(nn.Module, SteeringTunerLayer):
     """Construction and repr shared by the wrapped decoder layers and input embeddings."""
 
@@ -247,10 +187,13 @@ class SteeringLayer(_SteeringModule):
         condition_direction: torch.Tensor | None = None,
         head_factors: dict[int, float] | None = None,
         neuron_factors: dict[int, float] | None = None,
+        head_vectors: dict[int, torch.Tensor] | None = None,
+        head_stds: dict[int, float] | None = None,
     ) -> None:
         spec = self.steer_spec
         self.steer_plan[adapter_name] = plan
         self.steer_checked.discard(adapter_name)
+        self.steer_cache.clear()
         if plan.op is not None or plan.ablate:
             self._store_direction(adapter_name, direction, spec.d_model)
         if plan.is_condition_layer:
@@ -264,6 +207,15 @@ class SteeringLayer(_SteeringModule):
                 vec = torch.ones(size)
                 vec[torch.tensor(list(factors))] = torch.tensor(list(factors.values()), dtype=torch.float32)
                 store[adapter_name] = vec.to(self.steer_device)
+        if plan.head_steer:
+            # Unit directions stay zeros until a saved adapter's state dict is loaded into them.
+            units, sigma = torch.zeros(spec.n_heads, spec.head_dim), torch.zeros(spec.n_heads)
+            for head, value in (head_stds or {}).items():
+                sigma[head] = value
+            for head, vector in (head_vectors or {}).items():
+                units[head] = vector.detach().to("cpu", torch.float32)
+            self.steer_head_direction[adapter_name] = units.to(self.steer_device)
+            self.steer_head_std[adapter_name] = sigma.to(self.steer_device)
         self.set_adapter(self.active_adapters)
 
     def _module(self, kind: str, writer: bool) -> nn.Module:
@@ -278,16 +230,43 @@ class SteeringLayer(_SteeringModule):
             return self.steer_head_scale[adapter].repeat_interleave(self.steer_spec.head_dim)
         return self.steer_neuron_scale[adapter]
 
+    def _head_shift(self, plan: LayerPlan) -> torch.Tensor:
+        """Head steering's shift of the attention output projection's input: ``alpha * sigma_h * u_h`` per head,
+        ``[n_heads * head_dim]`` float32 (zeros for heads that are not steered)."""
+        units, sigma = self.steer_head_direction[plan.adapter].float(), self.steer_head_std[plan.adapter].float()
+        return (plan.head_alpha * sigma[:, None] * units).flatten()
+
     @contextmanager
     def _writer_hooks(self, plans: list[LayerPlan]) -> Iterator[None]:
         state, handles = self.steer_state, []
 
-        def scale_hook(kind: str, chosen: list[LayerPlan]):
+        def input_hook(kind: str, chosen: list[LayerPlan]):
+            flag = "head_scale" if kind == "attn" else "neuron_scale"
+
             def hook(_mod, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
                 for p in chosen:
                     mask = state.steer_mask(p, x.shape[0], x.shape[1], x.device)
-                    x = _masked(x * self._input_scale(kind, p.adapter).to(x.dtype), x, mask)
+                    if mask is False:
+                        continue
+                    if getattr(p, flag):
+                        scale = self._cached(
+                            f"{kind}_scale",
+                            p.adapter,
+                            x,
+                            (self.steer_head_scale if kind == "attn" else self.steer_neuron_scale)[p.adapter],
+                            lambda like, p=p: self._input_scale(kind, p.adapter).to(like.dtype),
+                        )
+                        x = _masked(x * scale, x, mask)
+                    if kind == "attn" and p.head_steer:
+                        shift = self._cached(
+                            "head_shift",
+                            p.adapter,
+                            x,
+                            (self.steer_head_direction[p.adapter], self.steer_head_std[p.adapter]),
+                            lambda like, p=p: self._head_shift(p).to(like.device, like.dtype),
+                        )
+                        x = _masked(x + shift, x, mask)
                 return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
 
             return hook
@@ -296,17 +275,18 @@ class SteeringLayer(_SteeringModule):
             def hook(_mod, _args, output):
                 for p in chosen:
                     mask = state.steer_mask(p, output.shape[0], output.shape[1], output.device)
-                    output = _masked(project_out(output, self.steer_direction[p.adapter]), output, mask)
+                    if mask is not False:
+                        output = _masked(project_out(output, self.steer_direction[p.adapter]), output, mask)
                 return output
 
             return hook
 
         try:
-            for kind, flag in (("attn", "head_scale"), ("mlp", "neuron_scale")):
-                chosen = [p for p in plans if getattr(p, flag)]
+            for kind, flags in (("attn", ("head_scale", "head_steer")), ("mlp", ("neuron_scale",))):
+                chosen = [p for p in plans if any(getattr(p, flag) for flag in flags)]
                 if chosen:
                     module = self._module(kind, writer=False)
-                    handles.append(module.register_forward_pre_hook(scale_hook(kind, chosen), with_kwargs=True))
+                    handles.append(module.register_forward_pre_hook(input_hook(kind, chosen), with_kwargs=True))
                 ablating = [p for p in plans if p.ablate]
                 if ablating:
                     handles.append(self._module(kind, writer=True).register_forward_hook(ablate_hook(ablating)))
@@ -319,13 +299,17 @@ class SteeringLayer(_SteeringModule):
         plans = self._runtime_plans()
         if not plans:
             return self.base_layer(*args, **kwargs)
-        writers = [p for p in plans if p.ablate or p.head_scale or p.neuron_scale]
-        if writers and self.training and getattr(self.base_layer, "gradient_checkpointing", False):
-            raise ValueError(
-                "steering with ablation or head/neuron scales hooks this layer's projections during its forward, "
-                "which gradient checkpointing would recompute without them; disable gradient checkpointing."
-            )
-        with self._writer_hooks(writers):
+        writers = [p for p in plans if p.ablate or p.head_scale or p.neuron_scale or p.head_steer]
+        if writers:
+            if self.training and getattr(self.base_layer, "gradient_checkpointing", False):
+                raise ValueError(
+                    "steering with ablation, head/neuron scales or head directions hooks this layer's projections "
+                    "during its forward, which gradient checkpointing would recompute without them; disable "
+                    "gradient checkpointing."
+                )
+            with self._writer_hooks(writers):
+                out = self.base_layer(*args, **kwargs)
+        else:
             out = self.base_layer(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
         state = self.steer_state
@@ -334,21 +318,33 @@ class SteeringLayer(_SteeringModule):
                 tokens = state.prompt_tokens(hidden.shape[0], hidden.shape[1], hidden.device)
                 cond = p.condition
                 scores = condition_scores(hidden, self.steer_condition[p.adapter], tokens, cond["measure"])
-                state.decisions[p.adapter] = decide(scores, cond["threshold"], cond["comparator"])
+                state.decide(p.adapter, decide(scores, cond["threshold"], cond["comparator"]))
         for p in plans:
             if p.op is None:
                 continue
-            r = self.steer_direction[p.adapter].to(hidden.device, hidden.dtype)
+            mask: Mask = state.steer_mask(p, hidden.shape[0], hidden.shape[1], hidden.device)
+            if mask is False:
+                continue
+            source = self.steer_direction[p.adapter]
             if p.op == "add":
-                new = hidden + p.alpha * r
+                vector = self._cached(
+                    "add", p.adapter, hidden, (source,), lambda like, p=p: p.alpha * self._cast(p, like)
+                )
+                new = hidden + vector
             else:
+                r = self._cached("clamp", p.adapter, hidden, (source,), lambda like, p=p: self._cast(p, like))
                 new = hidden + (p.value - hidden @ r)[..., None] * r
-            hidden = _masked(new, hidden, state.steer_mask(p, hidden.shape[0], hidden.shape[1], hidden.device))
+            hidden = _masked(new, hidden, mask)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    def _cast(self, plan: LayerPlan, like: torch.Tensor) -> torch.Tensor:
+        return self.steer_direction[plan.adapter].to(like.device, like.dtype)
 
     def merge_error(self, plan: LayerPlan) -> str | None:
         has_bias = getattr(self._module("mlp", writer=False), "bias", None) is not None
-        return plan.merge_error(self.steer_spec.model_type, mlp_out_bias=has_bias)
+        attn_bias = getattr(self._module("attn", writer=False), "bias", None) is not None
+        error = plan.merge_error(self.steer_spec.model_type, mlp_out_bias=has_bias, attn_out_bias=attn_bias)
+        return error or head_overlap_error(plan, self.steer_plan, self.steer_head_std, self.steer_head_scale)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         spec = self.steer_spec
@@ -357,6 +353,8 @@ class SteeringLayer(_SteeringModule):
             if plan.op == "add":  # after the MLP output, the layer output is h + mlp: its bias shifts both
                 vector = plan.alpha * self.steer_direction[adapter].float()
                 edits.append((self._module("mlp", False), add_to_bias(vector)))
+            if plan.head_steer:  # at run time heads are scaled first, then shifted: the bias takes W_o before scaling
+                edits.append((self._module("attn", False), _shift_input(self._head_shift(plan), spec.conv1d)))
             for kind, flag in (("attn", "head_scale"), ("mlp", "neuron_scale")):
                 if getattr(plan, flag):
                     edits.append(
@@ -382,7 +380,8 @@ class SteeringEmbedding(_SteeringModule):
         out = self.base_layer(*args, **kwargs)
         for p in self._runtime_plans():
             mask = self.steer_state.steer_mask(p, out.shape[0], out.shape[1], out.device)
-            out = _masked(project_out(out, self.steer_direction[p.adapter]), out, mask)
+            if mask is not False:
+                out = _masked(project_out(out, self.steer_direction[p.adapter]), out, mask)
         return out
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ class SteeringModel(BaseTuner):
     """Zero-training steering of a causal LM, registered with PEFT as ``"steering"``.
 
     Wraps the decoder layers whose residual stream it edits (``add``/``clamp``, a condition, head
-    or neuron scales) and, for ``ablate``, every decoder layer and every input embedding. Nothing
+    or neuron scales, head steering) and, for ``ablate``, every decoder layer and every input embedding. Nothing
     is trainable: directions are buffers named ``steer_*`` saved in ``adapter_model.safetensors``.
 
     Example:
@@ -61,6 +61,7 @@ class SteeringModel(BaseTuner):
 
     def _targets(self, cfg: SteeringConfig, spec: ArchSpec) -> set[str]:
         layers = set(cfg.steered_layers) | set(cfg.head_scales or {}) | set(cfg.neuron_scales or {})
+        layers |= set(cfg.head_layers)
         if cfg.condition is not None:
             layers.add(cfg.condition["layer"])
         if cfg.op == "ablate":
@@ -194,6 +195,7 @@ def _check_indices(cfg: SteeringConfig, spec: ArchSpec) -> None:
                 check(index)
     if cfg.condition is not None:
         spec.check_layer(cfg.condition["layer"])
+    _check_head_steering(cfg, spec)
     vectors = list((cfg.vectors or {}).values()) + ([cfg.condition_vector] if cfg.condition_vector is not None else [])
     for vector in vectors:
         if vector.numel() != spec.d_model:
@@ -201,6 +203,29 @@ def _check_indices(cfg: SteeringConfig, spec: ArchSpec) -> None:
                 f"direction has {vector.numel()} entries but this model's residual stream has d_model={spec.d_model}; "
                 "use directions computed on this model."
             )
+
+
+def _check_head_steering(cfg: SteeringConfig, spec: ArchSpec) -> None:
+    """Layers and heads of ``head_stds``/``head_directions`` exist; every direction is ``[head_dim]``."""
+    for layer, heads in (cfg.head_stds or {}).items():
+        if not 0 <= layer < spec.n_layers:
+            raise ValueError(
+                f"head steering names layer {layer}, but this {spec.model_type} model has {spec.n_layers} layers "
+                f"(0..{spec.n_layers - 1})."
+            )
+        for head in heads:
+            if not 0 <= head < spec.n_heads:
+                raise ValueError(
+                    f"head steering names head {head} of layer {layer}, but this {spec.model_type} model has "
+                    f"{spec.n_heads} heads per layer (0..{spec.n_heads - 1})."
+                )
+    for layer, heads in (cfg.head_directions or {}).items():
+        for head, vector in heads.items():
+            if vector.numel() != spec.head_dim:
+                raise ValueError(
+                    f"`head_directions[{layer}][{head}]` has {vector.numel()} entries but this {spec.model_type} "
+                    f"model's heads have head_dim={spec.head_dim}; compute head directions on this model."
+                )
 
 
 def _embedding_names(model: nn.Module, spec: ArchSpec) -> list[str]:
@@ -238,6 +263,8 @@ def _layer_kwargs(cfg: SteeringConfig, adapter_name: str, layer: int) -> dict[st
         ablate=cfg.op == "ablate",
         head_scale=layer in (cfg.head_scales or {}),
         neuron_scale=layer in (cfg.neuron_scales or {}),
+        head_steer=layer in cfg.head_layers,
+        head_alpha=cfg.alpha_for(layer) if layer in cfg.head_layers else 0.0,
         condition=condition,
         is_condition_layer=condition is not None and condition["layer"] == layer,
     )
@@ -248,6 +275,8 @@ def _layer_kwargs(cfg: SteeringConfig, adapter_name: str, layer: int) -> dict[st
         "condition_direction": cfg.condition_vector if plan.is_condition_layer else None,
         "head_factors": (cfg.head_scales or {}).get(layer),
         "neuron_factors": (cfg.neuron_scales or {}).get(layer),
+        "head_vectors": (cfg.head_directions or {}).get(layer),
+        "head_stds": (cfg.head_stds or {}).get(layer),
     }
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, Union
 
 import torch
 from torch import nn
+
+Mask = Union[torch.Tensor, None, Literal[False]]
+"""A layer's steering mask: a boolean ``[batch, seq, 1]`` tensor, ``None`` (every position) or ``False`` (none)."""
 
 
 class StepPlan(Protocol):
@@ -30,6 +33,9 @@ class SteeringState:
     continues it (its tokens are generated). Inside ``generate`` the prompt length is the input
     length, so generation without a KV cache (which re-runs the whole sequence) sees the same
     positions as with one. ``decisions`` holds, per adapter, which sequences a condition selected.
+
+    Steering masks depend only on these fields, so each distinct mask is built once per forward and
+    reused by every layer (the cache is emptied whenever a field or a decision changes).
     """
 
     def __init__(self) -> None:
@@ -39,6 +45,8 @@ class SteeringState:
         self.attention_mask: torch.Tensor | None = None
         self.decisions: dict[str, torch.Tensor] = {}
         self.generate_prompt_len: int | None = None
+        self._masks: dict[tuple, Mask] = {}
+        self._rows: dict[str, tuple[torch.Tensor, bool, bool]] = {}  # adapter -> (rows, all selected, any selected)
 
     def on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
@@ -61,16 +69,29 @@ class SteeringState:
         mask = attention_mask
         ok = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq
         self.attention_mask = mask[:, -seq:] if ok else None
+        self._forget()
+
+    def _forget(self) -> None:
+        self._masks.clear()
+        self._rows = {k: v for k, v in self._rows.items() if k in self.decisions}
 
     @contextmanager
     def generating(self, prompt_len: int) -> Iterator[None]:
         """Inside ``generate``: positions at or after ``prompt_len`` are generated tokens."""
         saved = self.generate_prompt_len
         self.generate_prompt_len, self.decisions = prompt_len, {}
+        self._forget()
         try:
             yield
         finally:
             self.generate_prompt_len = saved
+            self._forget()
+
+    def decide(self, adapter: str, rows: torch.Tensor) -> None:
+        """Record which sequences (boolean ``[batch]``) the condition of ``adapter`` selected."""
+        self.decisions[adapter] = rows
+        self._rows[adapter] = (rows, bool(rows.all()), bool(rows.any()))  # one sync per prompt, not per layer
+        self._masks.clear()
 
     def generated(self, seq: int, device: torch.device) -> torch.Tensor:
         """Boolean ``[seq]``: which positions of the running forward are generated tokens."""
@@ -78,24 +99,56 @@ class SteeringState:
             return torch.zeros(seq, dtype=torch.bool, device=device)
         return torch.arange(self.start, self.start + seq, device=device) >= self.prompt_len
 
-    def steer_mask(self, plan: StepPlan, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean ``[batch, seq, 1]`` of the positions ``plan`` may change; ``None`` means all of them."""
+    def _first_generated(self, seq: int) -> int:
+        """Index of the first generated position of the running forward (``seq`` when there is none)."""
+        if self.seq_len != seq or self.prompt_len is None:
+            return seq
+        return min(max(self.prompt_len - self.start, 0), seq)
+
+    def steer_mask(self, plan: StepPlan, batch: int, seq: int, device: torch.device) -> Mask:
+        """The positions ``plan`` may change: boolean ``[batch, seq, 1]``, ``None`` (all) or ``False`` (none).
+
+        Built once per forward for each adapter (and side of its condition layer) and cached.
+        """
         if plan.positions == "all" and plan.condition is None:
             return None
-        gen = self.generated(seq, device)
-        pos = {"all": torch.ones_like(gen), "prompt": ~gen, "generated": gen}[plan.positions]
-        mask = pos[None, :].expand(batch, seq)
-        if plan.condition is not None:
+        after = None if plan.condition is None else plan.layer >= plan.condition["layer"]
+        key = (plan.adapter, plan.positions, after, batch, seq, device)
+        mask = self._masks.get(key, self)
+        if mask is self:
+            mask = self._masks[key] = self._build_mask(plan, after, batch, seq, device)
+        return mask
+
+    def _build_mask(self, plan: StepPlan, after: bool | None, batch: int, seq: int, device: torch.device) -> Mask:
+        # Positions are an interval [lo, hi): the prompt is [0, g), the generated tokens [g, seq).
+        g = self._first_generated(seq)
+        lo, hi = {"all": (0, seq), "prompt": (0, g), "generated": (g, seq)}[plan.positions]
+        rows_all = True
+        if after is not None:
+            if not after:  # before the condition layer the prompt is not decided yet
+                lo = max(lo, g)
             rows = self.decisions.get(plan.adapter)
             if rows is None:
-                rows = torch.zeros(batch, dtype=torch.bool, device=device)
-            elif rows.shape[0] != batch:
+                return False
+            if rows.shape[0] != batch:
                 raise ValueError(
                     f"conditional steering decided for {rows.shape[0]} sequences but this forward has {batch}; "
                     "start a new prompt (empty KV cache) when the batch changes. Beam search is not supported."
                 )
-            decided = gen | (plan.layer >= plan.condition["layer"])
-            mask = mask & rows.to(device)[:, None] & decided[None, :]
+            known = self._rows.get(plan.adapter)
+            if known is None or known[0] is not rows:
+                known = self._rows[plan.adapter] = (rows, bool(rows.all()), bool(rows.any()))
+            _, rows_all, rows_any = known
+            if not rows_any:
+                return False
+        if lo >= hi:
+            return False
+        if rows_all and (lo, hi) == (0, seq):
+            return None
+        t = torch.arange(seq, device=device)
+        mask = ((t >= lo) & (t < hi))[None, :].expand(batch, seq)
+        if not rows_all:
+            mask = mask & self.decisions[plan.adapter].to(device)[:, None]
         return mask[..., None]
 
     def prompt_tokens(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
