@@ -1,12 +1,12 @@
 """mi-peft: turn mechanistic-interpretability findings into PEFT adapters (Locate -> Steer -> Improve).
 
-Importing this package registers the ``sparse`` and ``steering`` adapter types with PEFT, so
+Importing this package registers the ``sparse``, ``steering`` and ``sae_steering`` adapter types with PEFT, so
 ``PeftModel.from_pretrained(base, adapter_dir)`` works after ``import mi_peft`` in every process.
 """
 
 __version__ = "0.1.0"
 
-from . import arch, capture, data, metrics, tuners  # noqa: E402
+from . import arch, capture, data, metrics, sae, tuners  # noqa: E402
 from .arch import ArchSpec, spec_for  # noqa: E402
 from .components import ComponentSet, Head, Neuron, Residual  # noqa: E402
 from .data import ContrastivePairs  # noqa: E402
@@ -36,6 +36,7 @@ __all__ = [
     "locate",
     "logit_lens",
     "metrics",
+    "sae",
     "save_adapter",
     "spec_for",
     "tuners",
