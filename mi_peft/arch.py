@@ -188,6 +188,15 @@ class ArchSpec:
     def check_layer(self, layer: int) -> None:
         _check_index("layer", layer, self.n_layers)
 
+    def layers_or_all(self, layers: Any | None) -> list[int]:
+        """Sorted, deduplicated, checked layer indices; ``None`` means every layer."""
+        chosen = list(range(self.n_layers)) if layers is None else sorted({int(layer) for layer in layers})
+        if not chosen:
+            raise ValueError(f"`layers` is empty; pass layers in 0..{self.n_layers - 1} or None for all.")
+        for layer in chosen:
+            self.check_layer(layer)
+        return chosen
+
     def check_head(self, head: int) -> None:
         _check_index("head", head, self.n_heads)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,3 +154,11 @@ def check_fingerprint(expected: str | None, model: nn.Module, what: str, overrid
 
 def _short(fingerprint: str) -> str:
     return fingerprint if len(fingerprint) <= 24 else fingerprint[:24] + "..."
+
+
+def stamp_or_check_fingerprint(config: Any, model: nn.Module, what: str) -> None:
+    """A new adapter config records ``model``'s fingerprint; a loaded one must match it (unless overridden)."""
+    if config.base_model_fingerprint is None:
+        config.base_model_fingerprint = model_fingerprint(model)
+    else:
+        check_fingerprint(config.base_model_fingerprint, model, what, config.ignore_fingerprint)

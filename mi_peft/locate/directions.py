@@ -269,11 +269,7 @@ def directions(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     spec = spec_for(model)
-    chosen = list(range(spec.n_layers)) if layers is None else sorted({int(layer) for layer in layers})
-    if not chosen:
-        raise ValueError(f"`layers` is empty; pass layers in 0..{spec.n_layers - 1} or None for all.")
-    for layer in chosen:
-        spec.check_layer(layer)
+    chosen = spec.layers_or_all(layers)
     if method == "probe" and len(pairs) < 2:
         raise ValueError(f"the probe needs at least 2 pairs, got {len(pairs)}.")
     pos, neg = _residuals(model, tokenizer, pairs, chosen, batch_size, positions, chat, progress)

@@ -34,7 +34,7 @@ from peft.utils import TaskType
 from torch import nn
 
 from ..arch import ArchSpec, spec_for
-from ..fingerprint import check_fingerprint, model_fingerprint
+from ..fingerprint import stamp_or_check_fingerprint
 from ..tuners._derived import set_peft_type_and_check_targets
 from ..tuners._registry import register_method
 
@@ -316,10 +316,7 @@ class SAESteeringModel(BaseTuner):
         if not isinstance(peft_config, SAESteeringConfig):
             raise TypeError(f"SAESteeringModel needs a SAESteeringConfig, got {type(peft_config).__name__}.")
         cfg, spec = peft_config, spec_for(self.model)
-        if cfg.base_model_fingerprint is None:
-            cfg.base_model_fingerprint = model_fingerprint(self.model)
-        else:
-            check_fingerprint(cfg.base_model_fingerprint, self.model, "This SAE adapter", cfg.ignore_fingerprint)
+        stamp_or_check_fingerprint(cfg, self.model, "This SAE adapter")
         cfg.model_type = cfg.model_type or spec.model_type
         spec.check_layer(cfg.layer)
         width = None if cfg.rows is None else cfg.rows["decoder"].shape[-1]

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...arch import spec_for
-from ...fingerprint import check_fingerprint, model_fingerprint
+from ...fingerprint import stamp_or_check_fingerprint
 from .._bnb_cpu import keep_4bit_layout_trainable
 from .._merge import bias_refusal, merge_transaction, plan_biases, switch_off_biases, switch_on_biases
 from .config import ARCH_KEYS, ModuleSlices, SparseConfig, arch_record
@@ -76,10 +76,7 @@ class SparseModel(BaseTuner):
                 detail = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
                 raise ValueError(f"this sparse adapter was made for another architecture ({detail}).")
         plan = config.module_slices(spec)  # ValueError naming the range of a bad layer/head/neuron
-        if config.base_model_fingerprint is None:
-            config.base_model_fingerprint = model_fingerprint(model)
-        else:
-            check_fingerprint(config.base_model_fingerprint, model, "This sparse adapter", config.ignore_fingerprint)
+        stamp_or_check_fingerprint(config, model, "This sparse adapter")
         config.arch = arch_record(spec)
         config.target_modules = set(plan)
         return plan

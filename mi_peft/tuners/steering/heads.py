@@ -84,11 +84,7 @@ def head_directions(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     spec = spec_for(model)
-    chosen = list(range(spec.n_layers)) if layers is None else sorted({int(layer) for layer in layers})
-    if not chosen:
-        raise ValueError(f"`layers` is empty; pass layers in 0..{spec.n_layers - 1} or None for all.")
-    for layer in chosen:
-        spec.check_layer(layer)
+    chosen = spec.layers_or_all(layers)
     device = next(model.parameters()).device
     sides: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     was_training = model.training

@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ...arch import ArchSpec, _get, spec_for
-from ...fingerprint import check_fingerprint, model_fingerprint
+from ...fingerprint import stamp_or_check_fingerprint
 from .._merge import merge_transaction
 from .config import SteeringConfig
 from .layer import LayerPlan, SteeringEmbedding, SteeringLayer, SteeringTunerLayer
@@ -48,10 +48,7 @@ class SteeringModel(BaseTuner):
         if not isinstance(peft_config, SteeringConfig):
             raise TypeError(f"SteeringModel needs a SteeringConfig, got {type(peft_config).__name__}.")
         cfg, spec = peft_config, spec_for(self.model)
-        if cfg.base_model_fingerprint is None:
-            cfg.base_model_fingerprint = model_fingerprint(self.model)
-        else:
-            check_fingerprint(cfg.base_model_fingerprint, self.model, "This steering adapter", cfg.ignore_fingerprint)
+        stamp_or_check_fingerprint(cfg, self.model, "This steering adapter")
         if cfg.model_type is None:
             cfg.model_type = spec.model_type
         _check_indices(cfg, spec)
