@@ -127,3 +127,82 @@ def test_controlled_ablation_example(tiny_dir, tmp_path):
     assert _png(out / "ablation.png") and json.loads((out / "results.json").read_text())["ks"] == [1, 2]
     with pytest.raises(ValueError, match="--ks must be comma-separated positive integers"):
         example("04_controlled_ablation").main(["--ks", "0,2"])
+
+
+def test_steering_robustness_example(tiny_dir, tmp_path):
+    from peft import get_peft_model
+
+    from mi_peft import SteeringConfig, directions
+
+    out = tmp_path / "robustness"
+    args = ["--model", str(tiny_dir), "--out", str(out), "--pairs", "4", "--eval-prompts", "3", "--kl-texts", "2"]
+    args += ["--kl-tokens", "16", "--layers", "1,0", "--alphas", "4,0", "--batch-size", "2"]
+    module = example("05_steering_robustness")
+    result = module.main(args)
+    assert result["layers"] == [0, 1] and result["alphas"] == [0.0, 4.0] and result["methods"] == list(module.METHODS)
+    for m in module.METHODS:
+        effect, kl = torch.tensor(result["effect"][m]), torch.tensor(result["kl"][m])
+        assert effect.shape == kl.shape == (2, 2) and torch.isfinite(effect).all() and torch.isfinite(kl).all()
+        assert effect[:, 0].abs().max() < 1e-5 and kl[:, 0].abs().max() < 1e-5  # alpha 0: the base model
+        assert (kl[:, 1] > 1e-6).all()  # a real push moves the next-token distribution
+    for values in result["cosines"].values():
+        assert len(values) == 2 and all(-1 - 1e-5 <= v <= 1 + 1e-5 for v in values)
+    assert len(result["mean_diff_norm"]) == 2 and all(n > 0 for n in result["mean_diff_norm"])
+
+    # One cell re-measured independently: the diff-in-means adapter at layer 1, alpha 4 x its norm.
+    model, tok = load_model(str(tiny_dir))
+    data = EXAMPLES.parent / "recipes" / "data" / "refusal"
+    pairs = ContrastivePairs.load(data).subset(4)
+    dirs = directions(model, tok, pairs, method="mean_diff", layers=[0, 1], progress=False)
+    held_out = json.loads((data / "harmless_test.json").read_text())[:3]
+    prompts = [item["instruction"] for item in held_out]
+    base = _refusal_metric_under(model, tok, prompts, {})
+    assert base == pytest.approx(result["base_metric"], abs=1e-4)
+    steered = get_peft_model(model, SteeringConfig.from_directions(dirs, layers=[1], alpha=4 * dirs.norms[1]))
+    try:
+        value = _refusal_metric_under(steered, tok, prompts, {})
+    finally:
+        steered.unload()
+    assert value - base == pytest.approx(result["effect"]["mean_diff"][1][1], abs=1e-4)
+
+    summary = (out / "summary.md").read_text()
+    for m in module.METHODS:
+        for row_effect, row_kl in zip(result["effect"][m], result["kl"][m], strict=True):
+            assert all(f"{e:+.3f} / {k:.3f}" in summary for e, k in zip(row_effect, row_kl, strict=True))
+    assert f"{result['base_metric']:.3f}" in summary and "| alpha 0 | alpha 4 |" in summary
+    assert _png(out / "robustness.png") and json.loads((out / "results.json").read_text())["layers"] == [0, 1]
+    with pytest.raises(ValueError, match="--alphas must be comma-separated numbers"):
+        module.main(["--alphas", "x"])
+
+
+def test_truthfulness_steering_example(tiny_dir, tmp_path):
+    from mi_peft.evaluate.general import continuation_logprobs
+
+    out = tmp_path / "truthfulness"
+    args = ["--model", str(tiny_dir), "--out", str(out), "--train", "4", "--test", "5", "--layers", "1"]
+    args += ["--alphas", "1.5,0", "--iti-heads", "2", "--iti-alphas", "15", "--batch-size", "3"]
+    module = example("03_truthfulness_steering")
+    result = module.main(args)
+    assert [(p["layer"], p["alpha"]) for p in result["residual"]] == [(1, 0.0), (1, 1.5)]
+    assert [p["alpha"] for p in result["iti"]] == [15.0] and len(result["iti_head_list"]) == 2
+    for point in (result["base"], *result["residual"], *result["iti"]):
+        assert point["n"] == 5 and point["accuracy"] == point["correct"] / 5 and math.isfinite(point["margin"])
+        assert point["ci95"][0] <= point["accuracy"] <= point["ci95"][1]
+    zero = result["residual"][0]  # alpha 0 is the base model
+    assert zero["correct"] == result["base"]["correct"] and zero["margin"] == pytest.approx(result["base"]["margin"])
+    assert result["residual"][1]["margin"] != pytest.approx(result["base"]["margin"])
+
+    # The base accuracy re-measured independently on the same held-out questions.
+    model, tok = load_model(str(tiny_dir))
+    _, test = module.load_questions(module.DEFAULT_DATA, 4, 5, 0)
+    contexts = format_prompts(tok, [q["Question"] for q in test])
+    good, _ = continuation_logprobs(model, tok, contexts, [q["Best Answer"] for q in test])
+    bad, _ = continuation_logprobs(model, tok, contexts, [q["Best Incorrect Answer"] for q in test])
+    assert sum(g > b for g, b in zip(good, bad, strict=True)) == result["base"]["correct"]
+
+    summary = (out / "summary.md").read_text()
+    for point in (result["base"], *result["residual"], *result["iti"]):
+        assert f"{point['accuracy']:.3f} ({point['correct']}/5)" in summary and f"{point['margin']:+.3f}" in summary
+    assert _png(out / "truthfulness.png") and json.loads((out / "results.json").read_text())["test"] == 5
+    with pytest.raises(ValueError, match="exceeds the 790 questions"):
+        module.main(["--model", str(tiny_dir), "--train", "700", "--test", "100"])
