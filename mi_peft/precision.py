@@ -68,7 +68,21 @@ def resolve_precision(precision: str = "auto", device: str | torch.device | None
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if kind == "cpu" and cpu_bf16_flag() else "float32"
+    return "bfloat16" if kind == "cpu" and cpu_bf16_kernels() else "float32"
+
+
+def cpu_bf16_kernels() -> bool:
+    """The CPU has bfloat16 matrix units AND torch dispatches to them.
+
+    On x86 the units are only used by AVX-512 kernels: torch capped below them (``ATEN_CPU_CAPABILITY=avx2``,
+    an old build, a VM that hides AVX-512 state) emulates bfloat16 and runs several times slower.
+    """
+    import torch
+
+    flag = cpu_bf16_flag()
+    if flag is None:
+        return False
+    return flag == "bf16" or torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
 
 
 @contextlib.contextmanager

@@ -30,8 +30,9 @@ def test_bf16_units_are_read_from_cpu_flags(cpuinfo, flag):
 def cpu_flag(monkeypatch):
     """Pretend the CPU reports the given bfloat16 flag (or none); CUDA is off."""
 
-    def set_flag(flag):
+    def set_flag(flag, capability="AVX512"):
         monkeypatch.setattr(precision, "cpu_bf16_flag", lambda: flag)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     return set_flag
@@ -45,6 +46,10 @@ def test_auto_is_bfloat16_only_with_bf16_units(cpu_flag):
     assert precision.resolve_precision("bfloat16") == "bfloat16"  # explicit wins, even if slow
     with precision.autocast("auto"):
         assert not torch.is_autocast_enabled("cpu")
+    cpu_flag("amx_bf16", capability="AVX2")  # torch capped below its AVX-512 kernels: bf16 would be emulated
+    assert precision.resolve_precision("auto") == "float32"
+    cpu_flag("bf16", capability="DEFAULT")  # Arm: the flag alone decides
+    assert precision.resolve_precision("auto") == "bfloat16"
     cpu_flag("avx512_bf16")
     with precision.autocast("auto") as resolved:
         assert resolved == "bfloat16" and torch.is_autocast_enabled("cpu")
