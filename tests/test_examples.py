@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny
+from test_locate import one_thread  # noqa: F401  (autouse fixture: tiny models run single-threaded)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -20,14 +21,6 @@ from mi_peft.metrics import COMPLIANCE_TOKENS, REFUSAL_TOKENS, get_metric
 from mi_peft.models import load_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def example(name: str):

@@ -12,8 +12,8 @@ import torch
 import transformers
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from test_locate import tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 from mi_peft import capture
 from mi_peft.arch import spec_for
@@ -226,13 +226,6 @@ def test_from_head_probes_bad_input(case):
 
 
 # ---- head_directions: mass-mean direction and sigma from captured activations -------------------
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
 def marker_pairs(n: int = 12, seed: int = 0) -> ContrastivePairs:

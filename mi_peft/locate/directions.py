@@ -272,7 +272,7 @@ def directions(
     chosen = spec.layers_or_all(layers)
     if method == "probe" and len(pairs) < 2:
         raise ValueError(f"the probe needs at least 2 pairs, got {len(pairs)}.")
-    pos, neg = _residuals(model, tokenizer, pairs, chosen, batch_size, positions, chat, progress)
+    pos, neg = capture_pairs(model, tokenizer, pairs, "residual", chosen, batch_size, positions, chat, progress)
     diff = pos - neg  # [n_pairs, n_layers, d_model]
     extra: dict[str, Any] = {"n_pairs": pos.shape[0], "positions": positions, "layers": chosen}
     if hasattr(pairs, "data_hash"):
@@ -306,17 +306,22 @@ def directions(
     )
 
 
-def _residuals(
+def capture_pairs(
     model: nn.Module,
     tokenizer: Any,
     pairs: Any,
+    kind: str,
     layers: list[int],
     batch_size: int,
     positions: str,
     chat: bool | None,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual stream of every pair at ``positions``: two ``[n_pairs, n_layers, d_model]`` float32 CPU tensors."""
+    """Activations of ``kind`` (``"residual"`` or ``"heads"``) for every pair at ``positions``.
+
+    Returns positive and negative float32 CPU tensors ``[n_pairs, n_layers, ...]``; the model runs in
+    eval mode without gradients and gets its training mode back.
+    """
     device = next(model.parameters()).device
     out: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     was_training = model.training
@@ -325,7 +330,7 @@ def _residuals(
         batches = pairs.batches(tokenizer, batch_size=batch_size, chat=chat)
         total = math.ceil(len(pairs) / batch_size)
         with torch.no_grad():
-            for pair in tqdm(batches, total=total, desc="directions", disable=not progress, leave=False):
+            for pair in tqdm(batches, total=total, desc=f"{kind} directions", disable=not progress, leave=False):
                 for batch, store in zip(pair, out, strict=True):
                     inputs = {
                         k: v.to(device)
@@ -333,9 +338,9 @@ def _residuals(
                         if k in ("input_ids", "attention_mask", "position_ids")
                     }
                     mask = inputs["attention_mask"]
-                    with capture.record(model, residual=layers, positions=positions, attention_mask=mask) as cache:
+                    with capture.record(model, positions=positions, attention_mask=mask, **{kind: layers}) as cache:
                         model(**inputs)
-                    store.append(cache.stack("residual").float().cpu())
+                    store.append(cache.stack(kind).float().cpu())
     finally:
         model.train(was_training)
     pos, neg = torch.cat(out[0]), torch.cat(out[1])

@@ -11,18 +11,16 @@ build the adapter with :meth:`SteeringConfig.from_head_probes` (its checks live 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ... import capture
 from ...arch import spec_for
 from ...fingerprint import fingerprints_match, model_fingerprint
+from ...locate.directions import capture_pairs
 from .condition import unit_vector
 
 
@@ -85,29 +83,7 @@ def head_directions(
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     spec = spec_for(model)
     chosen = spec.layers_or_all(layers)
-    device = next(model.parameters()).device
-    sides: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    was_training = model.training
-    model.eval()
-    try:
-        batches = pairs.batches(tokenizer, batch_size=batch_size, chat=chat)
-        total = math.ceil(len(pairs) / batch_size)
-        for pair in tqdm(batches, total=total, desc="head directions", disable=not progress, leave=False):
-            for batch, store in zip(pair, sides, strict=True):
-                inputs = {
-                    k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")
-                }
-                mask = inputs["attention_mask"]
-                with capture.record(model, heads=chosen, positions=positions, attention_mask=mask) as cache:
-                    model(**inputs)
-                store.append(cache.stack("heads").float().cpu())  # [B, L, H, D]
-    finally:
-        model.train(was_training)
-    pos, neg = torch.cat(sides[0]), torch.cat(sides[1])
-    if pos.shape != neg.shape:
-        raise ValueError(
-            f"positive and negative batches differ in size ({pos.shape[0]} vs {neg.shape[0]}); pairs must align."
-        )
+    pos, neg = capture_pairs(model, tokenizer, pairs, "heads", chosen, batch_size, positions, chat, progress)
     shift = pos.double().mean(0) - neg.double().mean(0)  # [L, H, D]
     norm = shift.norm(dim=-1)
     unit = shift / norm.clamp_min(1e-300)[..., None]
