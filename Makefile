@@ -32,9 +32,10 @@ demo: $(STAMP)
 	.venv/bin/mi-peft run refusal $(DEMO_SIZE) --precision $(PRECISION) --out runs/demo
 
 # The full evidence: budget sweep x 3 seeds x every variant at recipe size, with side effects.
-# Several hours on 2 CPU cores; docs/results/ holds the runs made so far and their commands.
+# Several hours on 2 CPU cores; stop it at any time and run it again: --resume reads back every
+# variant it finished. docs/results/ holds the runs made so far and their commands.
 evidence: $(STAMP)
-	.venv/bin/mi-peft run refusal --seeds 3 --budgets 0.0001,0.0003,0.0013,0.005 --precision $(PRECISION) --out runs/evidence
+	.venv/bin/mi-peft run refusal --seeds 3 --budgets 0.0001,0.0003,0.0013,0.005 --precision $(PRECISION) --out runs/evidence --resume
 
 test: $(STAMP)
 	.venv/bin/ruff check .

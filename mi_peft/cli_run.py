@@ -32,6 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         budgets=args.budgets,
         settings=[*args.settings, *([f"train.precision={args.precision}"] if args.precision else [])],
+        resume=args.resume,
     )
     print()
     print(comparison_table(results["variants"]))
@@ -59,6 +60,12 @@ def add_run_parser(sub: Any) -> None:
         choices=PRECISIONS,
         help="Training precision (train.precision): auto = bfloat16 autocast on CPUs/GPUs with bf16 matrix "
         "units, float32 elsewhere. Evaluation stays float32 unless evaluate.precision is set.",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue a stopped run in the same --out folder: variants it finished under the same settings "
+        "are read back, the rest are trained.",
     )
     run.add_argument(
         "--set",

@@ -24,6 +24,7 @@ from .aggregate import summarize_runs, verdicts
 from .capture import ablate
 from .data import ContrastivePairs
 from .evaluate.preference import preference_margin
+from .finished import FinishedRows
 from .locate import directions, locate
 from .metrics import get_metric, metric_name
 from .models import load_model
@@ -43,6 +44,7 @@ class Run:
     tokenizer: Any
     evaluator: Evaluator
     log: Callable[[str], None]
+    finished: FinishedRows
     timings: dict[str, float] = field(default_factory=dict)
     _dpo_held_out: list[dict[str, Any]] | None = None
 
@@ -229,16 +231,27 @@ def _train(run: Run, result) -> tuple[list[dict], dict[str, list[float]]]:
         seed = recipe.seed + seed_index
         for variant in plan:
             folder = f"{variant.slug}_s{seed}"
-            trained = variant_plan.train(variant, recipe, result, run.tokenizer, run.out / "train" / folder, seed)
+            finished = run.finished.get(folder)
+            if finished is not None:
+                run.log(f"      {folder}: finished by an earlier run with the same settings, read back")
+            row, curve = finished or _train_and_score(run, result, variant, folder, seed)
             if seed_index == 0:
-                losses.setdefault(variant.name, trained.losses)
-            extra = {"adapter": variant.adapter, "method": variant.method, "budget": variant.budget, "seed": seed}
-            if variant.method != "sft":
-                extra["margin"] = _held_out_margin(run, trained.model)
-            out = run.out / "adapters" / folder
-            runs.append(score_row(variant.name, trained.model, run.evaluator, out, trained.train_seconds, extra))
+                losses.setdefault(variant.name, curve)
+            runs.append(row)
     run.timings["train_and_eval"] = time.perf_counter() - started
     return runs, losses
+
+
+def _train_and_score(run: Run, result, variant, folder: str, seed: int) -> tuple[dict, list[float]]:
+    """Train one variant with one seed, score it, and keep its row for ``--resume``."""
+    trained = variant_plan.train(variant, run.recipe, result, run.tokenizer, run.out / "train" / folder, seed)
+    extra = {"adapter": variant.adapter, "method": variant.method, "budget": variant.budget, "seed": seed}
+    if variant.method != "sft":
+        extra["margin"] = _held_out_margin(run, trained.model)
+    out = run.out / "adapters" / folder
+    row = score_row(variant.name, trained.model, run.evaluator, out, trained.train_seconds, extra)
+    run.finished.put(folder, row, trained.losses)
+    return row, trained.losses
 
 
 def run_recipe(
@@ -252,17 +265,20 @@ def run_recipe(
     budgets: Sequence[float] | None = None,
     settings: Sequence[str] = (),
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run a recipe end to end and write ``report.md``, ``results.json`` and plots to ``out_dir``.
 
     ``settings`` override single recipe fields (``"evaluate.piqa_n=32"``), checked before any model loads.
+    With ``resume``, variants that an earlier run into the same ``out_dir`` finished under the same
+    settings are read back from ``out_dir/finished`` instead of being trained again.
     """
     recipe = apply_overrides(load_recipe(path, settings), steps, n_test, dpo_steps, pairs, seeds, budgets)
     out = Path(out_dir or Path("runs") / recipe.name)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model, tokenizer = load_model(recipe.model)
-    run = Run(recipe, out, model, tokenizer, Evaluator(recipe, tokenizer), log)
+    run = Run(recipe, out, model, tokenizer, Evaluator(recipe, tokenizer), log, FinishedRows(out, recipe, resume))
     result, loc_pairs, val_pairs = _locate(run)
     log("[2/5] validate: ablate top components vs random ones")
     validation = validate_causally(model, tokenizer, recipe, result, val_pairs)

@@ -175,3 +175,34 @@ def test_bad_budgets_fail_before_any_model_loads(tmp_path, monkeypatch):
         pipeline.run_recipe(recipe, seeds=0)
     with pytest.raises(SystemExit):  # argparse rejects an unreadable list
         main(["run", str(recipe), "--budgets", "0.001,x"])
+
+
+@pytest.mark.slow
+def test_resume_reads_back_finished_variants_and_retrains_stale_ones(tmp_path, monkeypatch):
+    """`--resume` trains only what an earlier run into the same folder did not finish under the same settings."""
+    import mi_peft.variants as variants
+
+    raw = {**SHORT, "model": str(_tiny_model_with_real_tokenizer(tmp_path / "tiny")), "name": "resume"}
+    raw["steer"] = {"layers": "0-1", "alphas": [0], "val_prompts": 2}
+    raw["train"] = {**SHORT["train"], "kinds": ["neurons"], "lora_baseline": False, "matched_lora": False}
+    raw["data"] = {k: v for k, v in SHORT["data"].items() if k != "dpo"}
+    recipe = tmp_path / "resume.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out, trained = tmp_path / "run", []
+    real_train = variants.train
+    monkeypatch.setattr(variants, "train", lambda v, *a, **k: trained.append((v.slug, a[-1])) or real_train(v, *a, **k))
+
+    def run(*extra):
+        trained.clear()
+        assert main(["run", str(recipe), "--out", str(out), *extra]) == 0
+        return json.loads((out / "results.json").read_text())["runs"]
+
+    first = run("--seeds", "1")
+    assert trained == [("located_sft_b0.0005", 0), ("random_sft_b0.0005", 0)]
+    second = run("--seeds", "2", "--resume")
+    assert trained == [("located_sft_b0.0005", 1), ("random_sft_b0.0005", 1)]  # seed 0 was read back, not retrained
+    assert second[:2] == first  # the read-back rows are the saved rows, column for column
+    run("--seeds", "2")  # without --resume everything trains again
+    assert len(trained) == 4
+    run("--seeds", "2", "--resume", "--steps", "2")  # other settings: the saved rows are stale
+    assert len(trained) == 4
