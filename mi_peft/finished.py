@@ -4,11 +4,13 @@ The full evidence run trains dozens of variants for hours on a CPU. Each trained
 writes its report row to ``<out>/finished/<variant folder>/row.json``; ``mi-peft run --resume`` reads
 those rows back instead of training again. A row counts only when it was written under the same
 recipe settings and mi-peft version (its key); a row from other settings is trained again, never
-mixed into the report.
+mixed into the report. The key holds the settings that differ from mi-peft's defaults, so a new recipe
+field (with a default) keeps finished rows valid; a changed default needs a fresh ``--out``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -18,13 +20,35 @@ from . import __version__
 from ._io import write_folder_atomically
 from .recipe import Recipe
 
-_RUN_WIDE = ("seeds", "param_budgets")  # how many variants run, not how any one of them is trained
+# Settings that do not change how any one trained variant is trained or scored: how many variants run,
+# and the steering sweep (its rows are recomputed on every run).
+_IGNORED = {"description", "steer", "train.seeds", "train.param_budgets"}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _changed(obj: Any, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``values`` (the JSON form of dataclass ``obj``) without ignored fields and fields left at their default."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        name, value = prefix + f.name, values[f.name]
+        if name in _IGNORED:
+            continue
+        if dataclasses.is_dataclass(getattr(obj, f.name)):
+            value = _changed(getattr(obj, f.name), value, prefix=f"{name}.")
+        elif json.loads(json.dumps(_default(f), default=str)) == value:
+            continue
+        out[f.name] = value
+    return out
 
 
 def settings_key(recipe: Recipe) -> str:
-    """A hash of every recipe setting that changes how one variant is trained or scored."""
-    settings = recipe.to_dict()
-    settings["train"] = {k: v for k, v in settings["train"].items() if k not in _RUN_WIDE}
+    """A hash of the recipe settings (those not at their default) that change how a variant is trained or scored."""
+    settings = _changed(recipe, recipe.to_dict())
     text = json.dumps({"recipe": settings, "mi_peft": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
