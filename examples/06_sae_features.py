@@ -4,7 +4,8 @@
    WikiText-2 (``../shared/data/text/wikitext-2``) mixed with chat-formatted recipe prompts; cached, so a
    rerun loads it. Report its reconstruction: fraction of variance unexplained, L0, dead latents, and the
    next-token loss increase when the reconstruction replaces the activation.
-2. Locate latents that fire more on harmful than on harmless prompts (``recipes/data/refusal``).
+2. Locate latents that fire more on harmful than on harmless prompts (``recipes/data/refusal``): the ``"sae"``
+   kind of ``mi_peft.locate`` (``method="mean_diff"``; ``--method attribution_patching`` for the gradient estimate).
 3. Explain the top five: tokens and contexts that activate them most, tokens their decoder rows promote.
 4. Steer with them as a PEFT adapter (add their decoder rows; or clamp them) and compare with diff-in-means
    steering of the same norm at the same layer: the refusal metric on held-out harmless prompts (target)
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-from mi_peft import ContrastivePairs, SteeringConfig, directions, sae, spec_for
+from mi_peft import ContrastivePairs, SteeringConfig, directions, locate, sae, spec_for
 from mi_peft.data import format_prompts, read_texts, tokenize
 from mi_peft.evaluate.general import load_paragraphs
 from mi_peft.metrics import get_metric
@@ -55,6 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--epochs", type=int, default=3, help="passes over the activations")
     add("--lr", type=float, default=3e-3, help="SAE learning rate (Adam)")
     add("--pairs", type=int, default=32, help="refusal pairs used to locate latents")
+    add("--method", default="mean_diff", choices=sorted(sae.SAE_METHODS), help="how latents are scored")
     add("--eval-prompts", type=int, default=16, help="held-out harmless prompts for the steering metric")
     add(
         "--eval-texts", type=int, default=24, help="WikiText test paragraphs for reconstruction (first 4: side effects)"
@@ -113,13 +115,14 @@ def measure(model: Any, config: Any, data: dict[str, Any]) -> dict[str, float]:
 
 
 def steering_table(
-    model: Any, site: Any, scores: Any, top: list[int], data: dict[str, Any], pairs: Any, m: list[float]
+    model: Any, site: Any, result: Any, top: list[int], data: dict[str, Any], pairs: Any, m: list[float]
 ):
     """Rows (method, multiplier, metric shift, loss increase) for SAE add, SAE clamp and diff-in-means."""
     layer = site.layer
     dim = directions(model, data["tokenizer"], pairs, layers=[layer], progress=False)
     dim_norm = dim.norms[layer]
-    weights = torch.tensor([scores.scores[i] for i in top]).clamp_min(0)
+    weights = result.scores["sae"][layer, top].clamp_min(0)
+    mean_positive = sae.latent_stats(result, layer)["mean_positive"]
     rows_of = site.sae.W_dec[torch.tensor(top, device=site.sae.W_dec.device)].detach().float().cpu()
     sae_vec = weights @ rows_of
     cosine = float(torch.nn.functional.cosine_similarity(sae_vec, dim.vectors[layer].float(), dim=0))
@@ -132,7 +135,7 @@ def steering_table(
                 site, top, op="add", alpha=(weights * scale).tolist()
             ),
             "SAE clamp (top-5 latents)": sae.SAESteeringConfig.from_sae(
-                site, top, op="clamp", value=[mult * float(scores.stats["mean_positive"][i]) for i in top]
+                site, top, op="clamp", value=[mult * float(mean_positive[i]) for i in top]
             ),
             "diff-in-means": SteeringConfig.from_directions(dim, layers=[layer], alpha=mult * dim_norm),
         }
@@ -149,15 +152,15 @@ def steering_table(
     return {"base": base, "rows": rows, "cosine_sae_vs_dim": cosine, "dim_norm": dim_norm}
 
 
-def plot(scores: Any, steer: dict[str, Any], path: Path) -> Path:
+def plot(result: Any, steer: dict[str, Any], path: Path) -> Path:
     """Latent scores (top 30) and, per multiplier, metric shift and loss increase of each steering method."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 4), layout="constrained")
     ax_lat, ax_metric, ax_loss = fig.subplots(1, 3)
-    top = scores.top(30, sign="positive")
+    top = result.top("sae", 30, sign="positive")
     ax_lat.bar(range(len(top)), [s for _, s in top], color="C0")
-    ax_lat.set(xlabel="rank (latent ids in summary.md)", ylabel="mean act. harmful - harmless", title="top latents")
+    ax_lat.set(xlabel="rank (latent ids in summary.md)", ylabel=f"{result.method} score", title="top latents")
     for i, name in enumerate(dict.fromkeys(r["method"] for r in steer["rows"])):
         mine = [r for r in steer["rows"] if r["method"] == name]
         mults = [r["multiplier"] for r in mine]
@@ -200,7 +203,7 @@ def write_summary(result: dict[str, Any], explanations: list[Any], path: Path) -
     ]
     for r in st["rows"]:
         lines.append(f"| {r['method']} | {r['multiplier']:g} | {r['metric_shift']:+.3f} | {r['loss_increase']:+.3f} |")
-    lines += ["", f"## Top {len(explanations)} latents (harmful > harmless)", ""]
+    lines += ["", f"## Top {len(explanations)} latents (harmful > harmless, `{result['locate_method']}` scores)", ""]
     for e, (_, score) in zip(explanations, result["top"], strict=True):
         lines += [f"score {score:+.3f}: " + e.render(), ""]
     lines += [f"![latent scores and steering]({Path(result['plot_path']).name})", ""]
@@ -243,26 +246,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     site = timed(times, "train (or load) SAE", sae.train_sae, model, tokenizer, d["train_texts"], **settings,
                  cache=not args.no_cache)  # fmt: skip
     stats = timed(times, "reconstruction", sae.reconstruction_stats, model, tokenizer, site, d["eval_texts"])
-    scores = timed(times, "locate", sae.locate_latents, model, tokenizer, site, d["pairs"], progress=False)
-    top = scores.top(5, sign="positive")
-    latents = [latent for latent, _ in top]
+    metric = get_metric("refusal", tokenizer)
+    scored = timed(times, "locate", locate, model, tokenizer, d["pairs"], method=args.method, sae=site, progress=False,
+                   **({"metric": metric} if args.method == "attribution_patching" else {}))  # fmt: skip
+    top = scored.top("sae", 5, sign="positive")
+    latents = [latent for (_, latent), _ in top]
     explanations = timed(times, "explain", sae.explain_latents, model, tokenizer, site, latents, d["explain_texts"],
                          progress=False)  # fmt: skip
     data = {"tokenizer": tokenizer, "prompts": d["prompts"], "texts": d["eval_texts"][:4]}
-    data["metric"] = get_metric("refusal", tokenizer)
-    steer = timed(times, "steer", steering_table, model, site, scores, latents, data, d["pairs"], args.multipliers)
+    data["metric"] = metric
+    steer = timed(times, "steer", steering_table, model, site, scored, latents, data, d["pairs"], args.multipliers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scores.save(out / "latent_scores")
+    scored.save(out / "latent_scores")
     dead_train = site.sae.cfg.metadata.get("num_dead_features")
     result = {
         "model": args.model or "SmolLM2-135M-Instruct (embedded)", **settings, "width": args.width,
         "corpus": d["source"], "n_train_texts": len(d["train_texts"]), "n_eval_prompts": len(d["prompts"]),
-        "n_pairs": len(d["pairs"]), "stats": stats.to_dict(),
+        "n_pairs": len(d["pairs"]), "locate_method": args.method, "stats": stats.to_dict(),
         "dead_fraction_training": None if dead_train is None else dead_train / site.d_sae,
         "top": top, "explanations": [e.to_dict() for e in explanations], "steering": steer, "times": times,
     }  # fmt: skip
-    result["plot_path"] = str(plot(scores, steer, out / "sae_features.png"))
+    result["plot_path"] = str(plot(scored, steer, out / "sae_features.png"))
     result["seconds"] = time.perf_counter() - started
     result["summary_path"] = str(write_summary(result, explanations, out / "summary.md"))
     (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

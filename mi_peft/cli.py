@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .cli_run import add_run_parser
+from .cli_sae import add_sae_parser
 from .precision import PRECISIONS
 from .recipe import parse_layers
 
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     add_run_parser(sub)
+    add_sae_parser(sub)
     return parser
 
 

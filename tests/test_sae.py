@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from mi_peft import ContrastivePairs, capture
 from mi_peft import sae as msae
 from mi_peft.fingerprint import FingerprintMismatchError
+from mi_peft.locate import LocalizationResult
 from mi_peft.metrics import COMPLIANCE_TOKENS, REFUSAL_TOKENS
 
 try:
@@ -205,31 +206,39 @@ def test_sae_and_latent_scores_save_load_round_trip(tmp_path):
     pairs = ContrastivePairs(["w1 w2 w3", "w4 w5 w6 w7"], ["w8 w9", "w10 w11 w12"])
     scores = msae.locate_latents(model, tok, site, pairs, progress=False)
     scores.save(tmp_path / "scores")
-    loaded = msae.LatentScores.load(tmp_path / "scores", model)
-    assert torch.equal(loaded.scores, scores.scores) and loaded.top(5) == scores.top(5)
-    assert loaded.stats.keys() == scores.stats.keys() and loaded.data_hash == pairs.data_hash()
+    loaded = LocalizationResult.load(tmp_path / "scores", model)
+    torch.testing.assert_close(loaded.scores["sae"], scores.scores["sae"], rtol=0, atol=0, equal_nan=True)
+    assert loaded.top("sae", 5) == scores.top("sae", 5) and loaded.data_hash == pairs.data_hash()
+    assert msae.latent_stats(loaded).keys() == msae.latent_stats(scores).keys()
     with pytest.raises(FingerprintMismatchError):
-        msae.LatentScores.load(tmp_path / "scores", tiny_model(seed=1))
+        LocalizationResult.load(tmp_path / "scores", tiny_model(seed=1))
 
 
-@pytest.mark.parametrize("positions", ["last", "mean"])
+@pytest.mark.parametrize("positions", ["last", "mean", "all"])
 def test_locate_latents_is_the_mean_activation_difference(positions):
+    """mean_diff of the "sae" kind: mean latent activation on positive minus negative prompts, per prompt
+    ("last", "mean") or pooled over tokens ("all"); each prompt's first token is left out unless it is alone."""
     model, tok = tiny_model(), word_tokenizer()
     site = msae.attach(tiny_sae(), model)
     pos, neg = ["w1 w2 w3", "w4 w5 w6 w7 w8", "w9"], ["w10 w11", "w12 w13 w14", "w15 w16 w17 w18"]
-    scores = msae.locate_latents(model, tok, site, ContrastivePairs(pos, neg), positions=positions, batch_size=2)
+    result = msae.locate_latents(model, tok, site, ContrastivePairs(pos, neg), positions=positions, batch_size=2)
 
     def side(texts):
         rows = []
         for t in texts:
             f = site.encode(msae.residual_at(model, 1, {"input_ids": torch.tensor([tok(t)["input_ids"]])}))[0]
-            rows.append(f[-1] if positions == "last" else f[1:].mean(0) if len(f) > 1 else f[0])
-        return torch.stack(rows).mean(0)
+            read = f[1:] if len(f) > 1 else f
+            rows.append(f[-1:] if positions == "last" else read.mean(0, keepdim=True) if positions == "mean" else read)
+        return torch.cat(rows).mean(0)
 
-    torch.testing.assert_close(scores.scores, side(pos) - side(neg), rtol=1e-5, atol=1e-5)
-    top = scores.top(3, sign="positive")
+    assert result.method == "mean_diff" and torch.isnan(result.scores["sae"][0]).all()  # no SAE reads layer 0
+    torch.testing.assert_close(result.scores["sae"][1], side(pos) - side(neg), rtol=1e-5, atol=1e-5)
+    stats = msae.latent_stats(result)
+    torch.testing.assert_close(stats["mean_positive"] - stats["mean_negative"], result.scores["sae"][1])
+    assert 0 < float(stats["freq_positive"].max()) <= 1
+    top = result.top("sae", 3, sign="positive")
     assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
-    assert top[0][1] == pytest.approx(float(scores.scores.max()))
+    assert top[0] == ((1, int(result.scores["sae"][1].argmax())), pytest.approx(float(result.scores["sae"][1].max())))
 
 
 def test_explain_latents_finds_the_top_activating_tokens():

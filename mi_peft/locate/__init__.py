@@ -1,11 +1,13 @@
-"""Locate: score heads, neurons and residual layers from contrastive prompts.
+"""Locate: score heads, neurons, residual layers and SAE latents from contrastive prompts.
 
 ``locate(model, tokenizer, pairs, method=...)`` runs one of :data:`METHODS` and returns a
-:class:`LocalizationResult`; ``directions(...)`` extracts per-layer steering directions.
+:class:`LocalizationResult` (``sae=site`` scores SAE latents as the ``"sae"`` kind);
+``directions(...)`` extracts per-layer steering directions.
 """
 
 from .api import METHODS, locate
 from .directions import Directions, directions
 from .result import LocalizationResult
+from .sae_kind import Latent, LatentSet, latent_stats
 
-__all__ = ["METHODS", "Directions", "LocalizationResult", "directions", "locate"]
+__all__ = ["METHODS", "Directions", "Latent", "LatentSet", "LocalizationResult", "directions", "latent_stats", "locate"]

@@ -17,10 +17,16 @@ class _Candidates(NamedTuple):
     raw: torch.Tensor
 
 
-def _order(flat: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the non-NaN entries by decreasing ``|score|`` (stable: ties by index)."""
+SIGNS: tuple[str, ...] = ("abs", "positive", "negative")
+
+
+def _order(flat: torch.Tensor, sign: str = "abs") -> torch.Tensor:
+    """Flat indices of the non-NaN entries by decreasing ``|score|`` (or score, or -score; stable: ties by index)."""
+    if sign not in SIGNS:
+        raise ValueError(f"`sign` must be one of {SIGNS}, got {sign!r}.")
     idx = (~torch.isnan(flat)).nonzero().squeeze(1)
-    return idx[torch.sort(flat[idx].abs(), descending=True, stable=True).indices]
+    key = {"abs": flat[idx].abs(), "positive": flat[idx], "negative": -flat[idx]}[sign]
+    return idx[torch.sort(key, descending=True, stable=True).indices]
 
 
 def _candidates(scores: list[torch.Tensor]) -> _Candidates:

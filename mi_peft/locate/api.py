@@ -1,4 +1,4 @@
-"""``locate()``: score every head, neuron and residual layer of a model from contrastive pairs.
+"""``locate()``: score every head, neuron and residual layer of a model (or every SAE latent) from contrastive pairs.
 
 Example:
     >>> from mi_peft import load_model
@@ -9,6 +9,7 @@ Example:
     >>> result = locate(model, tokenizer, pairs, method="attribution_patching", metric="refusal")
     >>> result.top("heads", k=5)
     >>> readers = locate(model, tokenizer, ["The capital of France is"], method="attention", target_tokens=[" France"])
+    >>> latents = locate(model, tokenizer, pairs, method="attribution_patching", sae=site)  # scores["sae"]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..metrics import Metric, get_metric, metric_name
 from . import attention, causal, gradient, magnitude
 from .magnitude import KINDS, check_positions
 from .result import LocalizationResult
+from .sae_kind import KIND as SAE_KIND
 
 # name -> (function, needs a metric, allowed string positions)
 METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str, ...]]] = {
@@ -44,7 +46,7 @@ METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str,
 # Kept apart from METHODS because they take prompts or pairs plus ``target_tokens`` rather than a contrast alone.
 TARGET_METHODS: dict[str, tuple[str, ...]] = {"attention": attention.POSITIONS}
 DEFAULT_METRIC = "refusal"
-_COMMON = {"model", "batches", "class_batches", "metric", "components", "positions", "progress"}
+_COMMON = {"model", "batches", "class_batches", "metric", "components", "positions", "progress", "sites"}
 
 
 def locate(
@@ -58,6 +60,7 @@ def locate(
     batch_size: int = 8,
     chat: bool | None = None,
     progress: bool = True,
+    sae: Any = None,
     **method_kwargs: Any,
 ) -> LocalizationResult:
     """Score components with ``method`` and return a :class:`LocalizationResult`.
@@ -70,7 +73,8 @@ def locate(
             ``{class_name: [prompts]}`` with two or more classes; ``method="attention"`` also takes a list of prompts.
         method: one of :data:`METHODS` or :data:`TARGET_METHODS` (see the README table for what each score means).
         components: any of ``"heads"``, ``"neurons"``, ``"residual"``; ``None`` = every kind the method scores
-            (all three; heads only for ``"attention"``).
+            (all three; heads only for ``"attention"``; ``"sae"`` when ``sae`` is given). ``"sae"`` scores the
+            latents of ``sae`` (``mean_diff``, ``activation_stats`` or ``attribution_patching``) on its own.
         metric: metric name or callable ``(logits, batch) -> [batch]`` for gradient and causal methods;
             ``None`` means ``"refusal"`` for them. Magnitude methods and ``probe`` use none.
         positions: ``"last"`` (last real token), ``"all"``, ``"mean"`` (magnitude/probe only) or token
@@ -78,6 +82,8 @@ def locate(
         batch_size: pairs per forward pass.
         chat: use the chat template (``None``: when the tokenizer has one).
         progress: show a tqdm progress bar.
+        sae: for ``components="sae"``: an :class:`~mi_peft.sae.SAESite` (``mi_peft.sae.load_sae``/``train_sae``),
+            a sae-lens SAE, or a list of them at distinct layers; scores ``[n_layers, d_sae]`` go to ``scores["sae"]``.
         **method_kwargs: method options, e.g. ``max_batch``, ``neuron_sample``, ``seed`` (causal),
             ``mode`` (ablation), ``stat`` (activation_stats), ``min_prob`` (lape), ``test_size``,
             ``steps`` (probe), ``target_tokens`` (attention: strings whose prompt positions the heads are scored
@@ -87,19 +93,19 @@ def locate(
         raise ValueError(f"unknown method {method!r}; choose one of {sorted([*METHODS, *TARGET_METHODS])}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    if method in TARGET_METHODS:
+    fn, kinds, bound = _route(model, method, components, sae)
+    if fn is None:
         return _locate_attention(
             model, tokenizer, pairs, components, metric, positions, batch_size, chat, progress, method_kwargs
         )
-    fn, needs_metric, allowed = METHODS[method]
-    kinds = _check_components(KINDS if components is None else components)
+    _, needs_metric, allowed = METHODS[method]
     positions = check_positions(positions, allowed)
     options = {n for n in inspect.signature(fn).parameters if n not in _COMMON}
     unknown = sorted(set(method_kwargs) - options)
     if unknown:
         raise ValueError(f"method {method!r} got unknown options {unknown}; valid options: {sorted(options)}.")
     spec_for(model)  # unsupported architectures fail here, before any work
-    kwargs: dict[str, Any] = dict(components=kinds, positions=positions, progress=progress, **method_kwargs)
+    kwargs: dict[str, Any] = dict(positions=positions, progress=progress, **bound, **method_kwargs)
     metric_label = None
     if needs_metric:
         metric_fn = get_metric(DEFAULT_METRIC if metric is None else metric, tokenizer)
@@ -130,6 +136,37 @@ def locate(
         extra["n_pairs"] = len(pairs)
     extra.update(method_extra)
     return LocalizationResult.from_model(model, scores, method, metric=metric_label, data_hash=data_hash, extra=extra)
+
+
+def _route(
+    model: nn.Module, method: str, components: str | Sequence[str] | None, sae: Any
+) -> tuple[Callable[..., magnitude.MethodOutput] | None, tuple[str, ...], dict[str, Any]]:
+    """The scoring function, the kinds it scores and its bound arguments (``fn`` None: the attention path).
+
+    SAE latents are scored by :data:`mi_peft.sae.latents.SAE_METHODS`, the one implementation of latent
+    scores; the other kinds by :data:`METHODS`.
+    """
+    asked = (components,) if isinstance(components, str) else None if components is None else tuple(components)
+    if sae is None and (asked is None or SAE_KIND not in asked):
+        if method in TARGET_METHODS:
+            return None, (), {}
+        kinds = _check_components(KINDS if asked is None else asked)
+        return METHODS[method][0], kinds, {"components": kinds}
+    if asked not in (None, (SAE_KIND,)):
+        raise ValueError(
+            f"SAE latents are scored on their own: pass components=('sae',) with `sae=`, got {components!r} "
+            "(score heads, neurons or residual layers in a separate locate call)."
+        )
+    if sae is None:
+        raise ValueError(
+            "components=('sae',) needs `sae=`: an SAESite from `mi_peft.sae.load_sae(folder, model)` or "
+            "`mi_peft.sae.train_sae(...)` (or a list of them, one per layer)."
+        )
+    from ..sae.latents import SAE_METHODS, resolve_sites
+
+    if method not in SAE_METHODS:
+        raise ValueError(f"method {method!r} does not score SAE latents; the 'sae' kind takes {sorted(SAE_METHODS)}.")
+    return SAE_METHODS[method], (SAE_KIND,), {"sites": resolve_sites(model, sae)}
 
 
 def _locate_attention(
@@ -192,6 +229,7 @@ def _check_components(components: str | Sequence[str]) -> tuple[str, ...]:
         raise ValueError(
             f"`components` must be a non-empty, duplicate-free selection of {KINDS}, got {components!r}"
             + (f" (unknown: {bad})." if bad else ".")
+            + " SAE latents: components=('sae',) with `sae=`."
         )
     return kinds
 

@@ -1,7 +1,8 @@
 """LocalizationResult: per-component scores plus the metadata needed to trust and reuse them.
 
 Scores are float32 CPU tensors per kind: ``"heads"`` ``[n_layers, n_heads]``, ``"neurons"``
-``[n_layers, n_neurons]``, ``"residual"`` ``[n_layers]``. NaN marks an entry a method did not
+``[n_layers, n_neurons]``, ``"residual"`` ``[n_layers]``, ``"sae"`` ``[n_layers, d_sae]`` (SAE latents, a row
+per layer an SAE reads; see :mod:`~mi_peft.locate.sae_kind`). NaN marks an entry a method did not
 score (e.g. a skipped layer): it is never selected, ranks last and plots blank. Inf is rejected.
 """
 
@@ -27,8 +28,10 @@ from ..data import check_positive
 from ..fingerprint import _ADAPTER_TAGS, check_fingerprint, model_fingerprint
 from ._select import _candidates, _greedy_fixed, _greedy_qkvo, _order
 from .result_views import compare_results, plot_result, result_frame
+from .sae_kind import KIND as SAE_KIND
+from .sae_kind import LatentSet, sae_shape, select_latents
 
-KINDS: tuple[str, ...] = ("heads", "neurons", "residual")
+KINDS: tuple[str, ...] = ("heads", "neurons", "residual", SAE_KIND)
 SELECTABLE: tuple[str, ...] = ("heads", "neurons")
 SCORES_FILE, META_FILE = "scores.safetensors", "result.json"
 FORMAT_VERSION = 1
@@ -44,7 +47,9 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def _shape(spec: ArchSpec, kind: str) -> tuple[int, ...]:
+def _shape(spec: ArchSpec, kind: str, value: Any = None) -> tuple[Any, ...]:
+    if kind == SAE_KIND:
+        return sae_shape(spec.n_layers, value)
     return {"heads": (spec.n_layers, spec.n_heads), "neurons": (spec.n_layers, spec.n_neurons)}.get(
         kind, (spec.n_layers,)
     )
@@ -52,10 +57,10 @@ def _shape(spec: ArchSpec, kind: str) -> tuple[int, ...]:
 
 @dataclass(eq=False)
 class LocalizationResult:
-    """Scores of heads, neurons and residual layers, and how they were obtained.
+    """Scores of heads, neurons, residual layers or SAE latents, and how they were obtained.
 
     Args:
-        scores (`dict[str, Tensor]`): any subset of ``"heads"``, ``"neurons"``, ``"residual"``.
+        scores (`dict[str, Tensor]`): any subset of ``"heads"``, ``"neurons"``, ``"residual"``, ``"sae"``.
         spec (`ArchSpec`): bound spec of the scored model (saved with the result, rebuilt exactly).
         method (`str`): localization method. metric (`str | None`): behaviour metric scored.
         model_fingerprint, data_hash (`str | None`): identity of the model and the contrastive data.
@@ -98,10 +103,10 @@ class LocalizationResult:
     def _checked(self, kind: str, value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"scores[{kind!r}] must be a torch.Tensor, got {type(value).__name__}.")
-        if tuple(value.shape) != _shape(self.spec, kind):
+        if tuple(value.shape) != _shape(self.spec, kind, value):
             raise ValueError(
                 f"scores[{kind!r}] has shape {tuple(value.shape)}; this {self.spec.model_type} model needs "
-                f"{_shape(self.spec, kind)}."
+                f"{_shape(self.spec, kind, value)}."
             )
         value = value.detach().to("cpu", torch.float32).contiguous()
         if torch.isinf(value).any():
@@ -144,8 +149,11 @@ class LocalizationResult:
         mode: str | None = None,
         head_mode: str = "out",
         neuron_mode: str = "out",
-    ) -> ComponentSet:
+    ) -> ComponentSet | LatentSet:
         """Select heads/neurons by ``|score|`` with exactly one of ``top_k``, ``param_budget``, ``threshold``.
+
+        ``kinds=("sae",)`` selects SAE latents instead (``top_k`` or ``threshold``, optionally ``random``)
+        and returns a :class:`~mi_peft.locate.LatentSet` for :class:`~mi_peft.sae.SAESteeringConfig`.
 
         Several kinds are ranked together by ``|score|`` divided by their kind's largest ``|score|``
         (kinds on different scales compete fairly); ties go heads first, then by layer and index.
@@ -173,6 +181,11 @@ class LocalizationResult:
             raise ValueError(f"pass exactly one of `top_k`, `param_budget`, `threshold`; got {given or 'none'}.")
         if random is not None and (isinstance(random, bool) or not isinstance(random, int)):
             raise ValueError(f"`random` is a seed and must be an int, got {random!r}.")
+        asked = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        if SAE_KIND in asked:
+            if asked != (SAE_KIND,):
+                raise ValueError(f"SAE latents are selected on their own: pass kinds=('sae',), got {kinds!r}.")
+            return select_latents(self, top_k, param_budget, threshold, random)
         head_mode, neuron_mode = _resolve_modes(mode, head_mode, neuron_mode)
         kinds = self._selectable(kinds)
         cand = _candidates([self.scores[k] for k in kinds])
@@ -219,8 +232,8 @@ class LocalizationResult:
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         if any(k not in SELECTABLE for k in kinds):
             raise ValueError(
-                f"`kinds` takes {SELECTABLE}, got {list(kinds)} (residual layers are not adapter components; "
-                "use `result.top('residual', k)`)."
+                f"`kinds` takes {SELECTABLE} (or ('sae',) alone), got {list(kinds)} (residual layers are not "
+                "adapter components; use `result.top('residual', k)`)."
             )
         present = [k for k in SELECTABLE if k in kinds and k in self.scores]
         if not present:
@@ -249,14 +262,18 @@ class LocalizationResult:
                 groups[kind][layer] = index[layers == layer].tolist()
         return ComponentSet(heads=groups["heads"], neurons=groups["neurons"], spec=self.spec)
 
-    def top(self, kind: str, k: int = 10) -> list[tuple[tuple[int, ...], float]]:
-        """The ``k`` highest-``|score|`` entries of ``kind``: ``((layer, index), score)``, ``((layer,), score)`` for residual."""
+    def top(self, kind: str, k: int = 10, sign: str = "abs") -> list[tuple[tuple[int, ...], float]]:
+        """The ``k`` best entries of ``kind``: ``((layer, index), score)``, ``((layer,), score)`` for residual.
+
+        ``sign``: ``"abs"`` ranks by ``|score|`` (what ``select`` uses); ``"positive"`` takes the highest
+        scores, ``"negative"`` the lowest (e.g. latents that fire more on the positive or the negative side).
+        """
         check_positive(k, "k")
         if kind not in self.scores:
             raise ValueError(f"this result has no {kind!r} scores; it has {self.kinds}.")
         flat = self.scores[kind].flatten()
         width = 1 if kind == "residual" else self.scores[kind].shape[1]
-        picked = _order(flat)[:k].tolist()
+        picked = _order(flat, sign)[:k].tolist()
         return [(((i,) if kind == "residual" else (i // width, i % width)), float(flat[i])) for i in picked]
 
     # ---- persistence ---------------------------------------------------------------------
@@ -298,7 +315,7 @@ class LocalizationResult:
         return result_frame(self)
 
     def plot(self, path: str | os.PathLike, top_n: int = 30) -> list[Path]:
-        """Write PNGs into folder ``path``: head heatmap, top-``top_n`` neurons by ``|score|``, residual curve."""
+        """Write PNGs into folder ``path``: head heatmap, top-``top_n`` neurons and SAE latents by ``|score|``, residual curve."""
         return plot_result(self, path, top_n)
 
     def compare(self, other: LocalizationResult, k: int = 10) -> dict[str, dict[str, float]]:

@@ -44,7 +44,7 @@ def result_frame(result: LocalizationResult) -> Any:
 
 
 def plot_result(result: LocalizationResult, path: str | os.PathLike, top_n: int = 30) -> list[Path]:
-    """Write PNGs into folder ``path``: head heatmap, top-``top_n`` neurons by ``|score|``, residual curve."""
+    """Write PNGs into folder ``path``: head heatmap, top-``top_n`` neurons and SAE latents by ``|score|``, residual curve."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -63,11 +63,12 @@ def plot_result(result: LocalizationResult, path: str | os.PathLike, top_n: int 
             image = ax.imshow(scores.numpy(), aspect="auto", cmap=cmap, vmin=-vmax, vmax=vmax, origin="lower")
             fig.colorbar(image, ax=ax, label="score (grey: not scored)")
             ax.set(xlabel="head", ylabel="layer", title=f"head scores: {title}")
-        elif kind == "neurons":
-            best = result.top("neurons", top_n)[::-1]
+        elif kind in ("neurons", "sae"):  # too many to show all: the top ones by |score|, as labelled bars
+            best = result.top(kind, top_n)[::-1]
             values = [s for _, s in best]
-            ax.barh([f"L{li}.N{n}" for (li, n), _ in best], values, color=["C3" if v > 0 else "C0" for v in values])
-            ax.set(xlabel="score", title=f"top {len(best)} neurons by |score|: {title}")
+            tag, what = ("N", "neurons") if kind == "neurons" else ("F", "SAE latents (L<layer>.F<latent>)")
+            ax.barh([f"L{li}.{tag}{n}" for (li, n), _ in best], values, color=["C3" if v > 0 else "C0" for v in values])
+            ax.set(xlabel="score", title=f"top {len(best)} {what} by |score|: {title}")
             ax.tick_params(axis="y", labelsize=7)
         else:
             ax.plot(range(scores.numel()), scores.numpy(), marker="o")

@@ -6,20 +6,22 @@ adapter (:class:`SAESteeringConfig`) needs no sae-lens to load, and is registere
 
 Example:
     >>> from mi_peft import load_model, ContrastivePairs
-    >>> from mi_peft import sae
+    >>> from mi_peft import locate, sae
     >>> model, tok = load_model()
     >>> site = sae.train_sae(model, tok, paragraphs, layer=15)          # or sae.load_sae(folder, model)
-    >>> scores = sae.locate_latents(model, tok, site, ContrastivePairs.load("recipes/data/refusal").subset(64))
-    >>> top = [latent for latent, _ in scores.top(5, sign="positive")]
+    >>> pairs = ContrastivePairs.load("recipes/data/refusal").subset(32)
+    >>> result = locate(model, tok, pairs, method="attribution_patching", sae=site)  # or sae.locate_latents(...)
+    >>> top = [latent for (_, latent), _ in result.top("sae", 5, sign="positive")]
     >>> for e in sae.explain_latents(model, tok, site, top, paragraphs):
     ...     print(e.render())
     >>> steered = get_peft_model(model, sae.SAESteeringConfig.from_sae(site, top, op="add", alpha=4.0))
 """
 
+from ..locate.sae_kind import Latent, LatentSet, latent_stats
 from ._lens import INSTALL, require_sae_lens
 from .adapter import SAESteeringConfig, SAESteeringLayer, SAESteeringModel, encode_rows
 from .explain import LatentExplanation, explain_latents
-from .latents import LatentScores, locate_latents
+from .latents import SAE_METHODS, locate_latents, resolve_sites
 from .site import (
     SAESite,
     attach,
@@ -30,14 +32,17 @@ from .site import (
     load_sae,
     resid_hook_name,
     residual_at,
+    residuals_at,
     sae_positions,
 )
 from .train import SAEStats, collect_activations, reconstruction_stats, train_sae
 
 __all__ = [
     "INSTALL",
+    "SAE_METHODS",
+    "Latent",
     "LatentExplanation",
-    "LatentScores",
+    "LatentSet",
     "SAESite",
     "SAEStats",
     "SAESteeringConfig",
@@ -50,6 +55,7 @@ __all__ = [
     "hook_layer",
     "intervene",
     "latent_acts",
+    "latent_stats",
     "load_pretrained_sae",
     "load_sae",
     "locate_latents",
@@ -57,6 +63,8 @@ __all__ = [
     "require_sae_lens",
     "resid_hook_name",
     "residual_at",
+    "residuals_at",
+    "resolve_sites",
     "sae_positions",
     "train_sae",
 ]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..arch import spec_for
 from ..data import check_positive, check_texts, encode, left_padded_batch
+from ..locate.sae_kind import LatentSet
 from .site import SAESite, latent_acts, sae_positions
 
 
@@ -129,7 +130,7 @@ def explain_latents(
     model: nn.Module,
     tokenizer: Any,
     site: SAESite,
-    latents: Sequence[int],
+    latents: Sequence[int] | LatentSet,
     texts: Sequence[str],
     *,
     n_examples: int = 5,
@@ -143,10 +144,10 @@ def explain_latents(
     Each text's first token is left out (see :func:`~mi_peft.sae.site.sae_positions`): it is the attention sink.
 
     Example:
-        >>> for e in explain_latents(model, tok, site, [l for l, _ in scores.top(5)], paragraphs):
+        >>> for e in explain_latents(model, tok, site, result.select(top_k=5, kinds=("sae",)), paragraphs):
         ...     print(e.render())
     """
-    chosen = site.check_latents(list(latents))
+    chosen = site.check_latents(latents)
     texts = check_texts(texts, "texts")
     for value, name in ((n_examples, "n_examples"), (max_length, "max_length"), (batch_size, "batch_size")):
         check_positive(value, name)

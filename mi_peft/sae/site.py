@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from torch import nn
 from .. import capture
 from ..arch import ArchSpec, spec_for
 from ..fingerprint import check_fingerprint
+from ..locate.sae_kind import LatentSet
 from ._lens import is_sae, require_sae_lens
 
 LatentEdit = Callable[[torch.Tensor], torch.Tensor]
@@ -73,6 +74,7 @@ class SAESite:
     sae: Any
     layer: int
     hook_name: str
+    path: Path | None = None  # the folder it was loaded from or cached in (None: only in memory)
 
     @property
     def d_sae(self) -> int:
@@ -83,10 +85,20 @@ class SAESite:
         return int(self.sae.cfg.d_in)
 
     def check_latents(self, latents: Any) -> list[int]:
-        """``latents`` as a non-empty list of ints in ``0..d_sae-1`` (an error names the valid range)."""
+        """``latents`` as a non-empty list of ints in ``0..d_sae-1`` (an error names the valid range).
+
+        A :class:`~mi_peft.locate.LatentSet` (from ``result.select(kinds=("sae",))``) gives its latents at this layer.
+        """
+        if isinstance(latents, LatentSet):
+            if self.layer not in latents.latents:
+                raise ValueError(
+                    f"this LatentSet has no latents at layer {self.layer} (the SAE's layer); it has layers "
+                    f"{latents.layers}. Select from a result scored with this SAE."
+                )
+            latents = latents.at(self.layer)
         values = [latents] if isinstance(latents, int) else list(latents)
         if not values:
-            raise ValueError("no latents given; pass at least one latent index (e.g. from `scores.top(5)`).")
+            raise ValueError("no latents given; pass at least one latent index (e.g. from `result.top('sae', 5)`).")
         for value in values:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.d_sae:
                 raise ValueError(
@@ -177,6 +189,7 @@ def load_sae(
         >>> site = load_sae(my_sae, model, layer=15)    # an in-memory sae_lens.SAE without a hook name
     """
     lens = require_sae_lens()
+    folder = None
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source).expanduser()
         if not (folder / "cfg.json").is_file():
@@ -184,7 +197,9 @@ def load_sae(
                 f"{folder} holds no sae-lens SAE (cfg.json missing); pass a folder written by `sae.save_model(...)`."
             )
         source = lens.SAE.load_from_disk(str(folder), device="cpu")
-    return attach(source, model, layer=layer, ignore_fingerprint=ignore_fingerprint, device=device)
+    site = attach(source, model, layer=layer, ignore_fingerprint=ignore_fingerprint, device=device)
+    site.path = folder
+    return site
 
 
 def load_pretrained_sae(release: str, sae_id: str, model: nn.Module, **kwargs: Any) -> SAESite:
@@ -208,21 +223,35 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def residual_at(model: nn.Module, layer: int, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Residual stream ``[batch, pos, d_model]`` after decoder layer ``layer``; later layers do not run."""
-    seen: list[torch.Tensor] = []
+def residuals_at(model: nn.Module, layers: Sequence[int], batch: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Residual stream ``[batch, pos, d_model]`` after each of ``layers``, in ONE forward that stops after the last.
 
-    def grab(x: torch.Tensor) -> torch.Tensor:
-        seen.append(x.detach())
-        raise _Stop
+    Reading SAE latents needs nothing above the deepest SAE, so the later layers and the unembedding never run.
+    """
+    seen: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def grab(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(x: torch.Tensor) -> torch.Tensor:
+            seen[layer] = x.detach()
+            if layer == last:
+                raise _Stop
+            return x
+
+        return hook
 
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    with capture.edit(model, residual={layer: grab}), suppress(_Stop):
+    with capture.edit(model, residual={layer: grab(layer) for layer in set(layers)}), suppress(_Stop):
         model(**inputs)
-    if not seen:
-        raise RuntimeError(f"layer {layer} did not run; is `batch` empty?")
-    return seen[0]
+    if last not in seen:
+        raise RuntimeError(f"layer {last} did not run; is `batch` empty?")
+    return seen
+
+
+def residual_at(model: nn.Module, layer: int, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Residual stream ``[batch, pos, d_model]`` after decoder layer ``layer``; later layers do not run."""
+    return residuals_at(model, [layer], batch)[layer]
 
 
 def latent_acts(model: nn.Module, site: SAESite, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -176,7 +176,8 @@ def train_sae(
 
     Collects ``tokens`` activations from ``texts`` and trains ``epochs`` passes over them with sae-lens's
     ``SAETrainer``; the result is a sae-lens JumpReLU SAE (how BatchTopK SAEs are saved) attached to ``model``.
-    With ``cache``, an SAE of the same model, settings and texts is loaded from ``$MI_PEFT_CACHE/sae``.
+    With ``cache``, an SAE of the same model, settings and texts is loaded from ``$MI_PEFT_CACHE/sae``
+    (``site.path`` names the folder, a normal sae-lens folder that :func:`~mi_peft.sae.load_sae` reads).
 
     Example:
         >>> site = train_sae(model, tok, paragraphs, layer=15, d_sae=4096, k=32, tokens=200_000)
@@ -193,7 +194,9 @@ def train_sae(
     fingerprint, name = _settings_key(model, texts, settings)
     folder = cache_dir() / "sae" / name
     if cache and (folder / "cfg.json").is_file():
-        return attach(require_sae_lens().SAE.load_from_disk(str(folder)), model)
+        site = attach(require_sae_lens().SAE.load_from_disk(str(folder)), model)
+        site.path = folder
+        return site
     acts = collect_activations(model, tokenizer, texts, layer, n_tokens=tokens, context=context, progress=progress)
     metadata = {
         "hook_name": resid_hook_name(layer),
@@ -210,7 +213,9 @@ def train_sae(
             (tmp / STATS_FILE).write_text(json.dumps({"settings": settings, "n_activations": len(acts)}, indent=2))
 
         write_folder_atomically(folder, write)
-    return attach(sae, model)
+    site = attach(sae, model)
+    site.path = folder if cache else None
+    return site
 
 
 def _loss(logits: torch.Tensor, batch: dict) -> tuple[float, int]:
