@@ -75,6 +75,105 @@ def test_logit_lens_example(tiny_dir, tmp_path):
         example("01_logit_lens").main(["--model", str(tiny_dir), "--prompts-file", str(items), "--prompts", "3"])
 
 
+@pytest.fixture(scope="module")
+def real_tok_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with the embedded model's tokenizer: its chat template lets SFT run on the recipe's
+    conversational rows and its real " sorry"/" cannot" tokens occur in the steer pairs. Weights are drawn 5x
+    larger than the default (initializer_range 0.1), so greedy replies depend on the prompt and on the heads."""
+    import transformers
+
+    from mi_peft.models import resolve
+
+    path = tmp_path_factory.mktemp("real_tok")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(None))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True, initializer_range=0.1)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_head_ablation_example_at_tiny_size(real_tok_dir, tmp_path):
+    from peft import PeftModel
+
+    from mi_peft.evaluate import refusal_rate
+    from mi_peft.locate import LocalizationResult
+    from mi_peft.stats import wilson_interval
+
+    module, out = example("02_head_ablation"), tmp_path / "heads"
+    sizes = ["--model", str(real_tok_dir), "--train-pairs", "4", "--locate-pairs", "4", "--attention-pairs", "6"]
+    sizes += ["--harmful", "6", "--batch-size", "4", "--seed", "3"]
+    result = module.main([*sizes, "--out", str(out), "--steps", "2", "--harmless", "3"])
+    adapter = result["adapter"]
+    assert adapter["source"] == "trained" and len(adapter["losses"]) == 2 and all(map(math.isfinite, adapter["losses"]))
+    assert adapter["neurons"] > 0 and adapter["trainable_parameters"] > 0
+
+    # The top lists are the 5 highest signed scores of the saved rankings; the random draw is select(random=seed).
+    saved = {m: LocalizationResult.load(out / "localization" / m) for m in ("attention", "attribution")}
+    for source, ranking in saved.items():
+        scores, heads = ranking.scores["heads"], [tuple(h) for h in result["heads"][source]]
+        picked = [float(scores[h]) for h in heads]
+        others = [float(scores[layer, h]) for layer in range(2) for h in range(4) if (layer, h) not in heads]
+        assert len(set(heads)) == 5 and picked == sorted(picked, reverse=True) and min(picked) >= max(others)
+        drawn = ranking.select(top_k=5, kinds=("heads",), random=3)
+        assert sorted(result["heads"]["random"]) == sorted([la, h] for la, hs in drawn.heads.items() for h in hs)
+        for heads_of, scores_of in zip(result["heads"].values(), result["head_scores"].values(), strict=True):
+            column = 0 if source == "attention" else 1
+            assert [s[column] for s in scores_of] == pytest.approx([float(scores[tuple(h)]) for h in heads_of])
+    common = {tuple(h) for h in result["heads"]["attention"]} & {tuple(h) for h in result["heads"]["attribution"]}
+    assert result["overlap"]["attention_attribution"] == sorted(list(h) for h in common)
+
+    clean, sources = result["clean"], module.SOURCES
+    rows = [p for s in sources for p in (*result["ablations"][s]["single"], result["ablations"][s]["all"])]
+    assert len(rows) == 18 and [len(p["heads"]) for p in rows] == [1, 1, 1, 1, 1, 5] * 3
+    for point in (clean, *rows):
+        assert point["n"] == 6 and point["refusals"] == sum(point["flags"]) and point["rate"] == point["refusals"] / 6
+        assert tuple(point["ci95"]) == pytest.approx(wilson_interval(point["refusals"], 6))
+    for source in sources:
+        entry = result["ablations"][source]
+        assert [p["heads"] for p in entry["single"]] == [[h] for h in result["heads"][source]]
+        assert entry["all"]["heads"] == result["heads"][source]
+        for point in (*entry["single"], entry["all"]):
+            assert point["change"] == pytest.approx(point["rate"] - clean["rate"])
+            assert point["lost"] - point["gained"] == clean["refusals"] - point["refusals"]
+    assert any(result["ablations"][s]["all"]["generations"] != clean["generations"] for s in sources)
+    over = result["over_refusal"]
+    assert over["none"]["n"] == 3 and all(over[s]["heads"] == result["heads"][s] for s in sources)
+
+    # Independent re-measurement: the saved adapter on the base model, the attribution heads zero-ablated.
+    base, tok = load_model(str(real_tok_dir))
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    heads: dict[int, list[int]] = {}
+    for layer, head in result["heads"]["attribution"]:
+        heads.setdefault(layer, []).append(head)
+    harmful = ContrastivePairs.load(EXAMPLES.parent / "recipes" / "data" / "refusal", split="test").positive[:6]
+    with ablate(model, heads=heads):
+        again = refusal_rate(model, tok, harmful, max_new_tokens=8, batch_size=4)
+    assert again.generations == result["ablations"]["attribution"]["all"]["generations"]
+
+    summary = (out / "summary.md").read_text()
+    assert summary.count("**all 5**") == 3 and f"top 5: {len(common)}/5" in summary
+    for point in (clean, *rows, *over.values()):
+        assert f"{point['rate']:.3f} ({point['refusals']}/{point['n']}) | [{point['ci95'][0]:.3f}" in summary
+    assert _png(out / "head_ablation.png")
+    assert json.loads((out / "results.json").read_text())["heads"] == result["heads"]
+
+    # --adapter skips training and gives the same model: same heads, same replies.
+    reuse = ["--out", str(tmp_path / "reuse"), "--adapter", str(out / "adapter"), "--harmless", "0"]
+    reused = module.main([*sizes, *reuse])
+    assert reused["adapter"]["source"] == "loaded" and reused["over_refusal"] is None
+    assert reused["heads"] == result["heads"] and reused["clean"]["generations"] == clean["generations"]
+    with pytest.raises(FileNotFoundError, match="holds no adapter_config.json. Adapter folders below it: heads/adapt"):
+        module.main(["--adapter", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        module.main(["--adapter", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="exceeds the 150 held-out harmful prompts"):
+        module.main(["--harmful", "151"])
+
+
 def _refusal_metric_under(model, tok, prompts, components: dict) -> float:
     """Mean refusal metric of ``prompts`` with ``components`` zero-ablated, one prompt at a time."""
     metric, comps = get_metric("refusal", tok), ComponentSet.from_dict(components)
