@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -30,9 +29,9 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from mi_peft import ContrastivePairs, SteeringConfig, directions, locate, spec_for
-from mi_peft.data import format_prompts
-from mi_peft.evaluate.general import continuation_logprobs
+from mi_peft.evaluate import mc_accuracy
 from mi_peft.models import load_model
+from mi_peft.stats import wilson_interval
 from mi_peft.tuners.steering import head_directions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,34 +91,25 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({round(f * (n_layers - 1)) for f in (1 / 3, 1 / 2, 2 / 3)})
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p, denom = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 class Scorer:
-    """Binary MC on held-out questions: accuracy and mean log-likelihood margin (best - incorrect)."""
+    """Binary MC on held-out questions by ``mi_peft.evaluate.mc_accuracy``: accuracy, mean margin (best - incorrect)."""
 
     def __init__(self, tokenizer: Any, questions: list[dict], batch_size: int) -> None:
         self.tokenizer, self.batch_size = tokenizer, batch_size
-        contexts = format_prompts(tokenizer, [q["Question"] for q in questions])
-        self.contexts = contexts + contexts
-        self.answers = [q["Best Answer"] for q in questions] + [q["Best Incorrect Answer"] for q in questions]
-        self.n = len(questions)
+        self.questions = [q["Question"] for q in questions]
+        self.correct = [q["Best Answer"] for q in questions]
+        self.incorrect = [q["Best Incorrect Answer"] for q in questions]
 
     def score(self, model: Any, config: SteeringConfig | None = None) -> dict[str, Any]:
         steered = model if config is None else get_peft_model(model, config)
         try:
-            totals, _ = continuation_logprobs(steered, self.tokenizer, self.contexts, self.answers, self.batch_size)
+            result = mc_accuracy(steered, self.tokenizer, self.questions, self.correct, self.incorrect, self.batch_size)
         finally:
             if config is not None:
                 steered.unload()
-        margins = [totals[i] - totals[self.n + i] for i in range(self.n)]
-        correct = sum(m > 0 for m in margins)
-        low, high = wilson(correct, self.n)
-        return {"accuracy": correct / self.n, "correct": correct, "ci95": [low, high],
-                "margin": sum(margins) / self.n}  # fmt: skip
+        low, high = wilson_interval(result.correct, result.n)
+        return {"accuracy": result.accuracy, "correct": result.correct, "ci95": [low, high],
+                "margin": result.mean_margin}  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:

@@ -16,22 +16,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import get_peft_model
 
 from . import variants as variant_plan
 from .aggregate import summarize_runs, verdicts
-from .capture import ablate
 from .data import ContrastivePairs
 from .evaluate.preference import preference_margin
 from .finished import FinishedRows
 from .locate import directions, locate
-from .metrics import get_metric, metric_name
 from .models import load_model
 from .recipe import Recipe, check_budgets, check_sizes, load_recipe, parse_layers
 from .report import write_report
 from .scoring import Evaluator, score_row
+from .steer_rows import iti_steering, sae_steering_row, steering_sweep
 from .tuners.steering import SteeringConfig
+from .validation import recipe_metric, validate_causally
 
 
 @dataclass
@@ -54,63 +53,6 @@ class Run:
         if self._dpo_held_out is None:
             self._dpo_held_out = variant_plan.dpo_split(self.recipe)[1] if self.recipe.dpo is not None else []
         return self._dpo_held_out
-
-
-def _metric_mean(model, tokenizer, pairs: ContrastivePairs, metric, batch_size: int) -> float:
-    """Mean metric on the positive side (the behaviour-present prompts)."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for pos, _ in pairs.batches(tokenizer, batch_size=batch_size):
-            scores = metric(model(**pos).logits, pos)
-            total, n = total + float(scores.sum()), n + scores.numel()
-    return total / max(n, 1)
-
-
-def _metric(recipe: Recipe, tokenizer, section: str):
-    """The metric of ``locate`` or ``validate`` (validate falls back to the locate metric)."""
-    loc, val = recipe.locate, recipe.validate
-    if section == "validate" and val.metric is not None:
-        return get_metric(val.metric, tokenizer, **(val.metric_args or {}))
-    if loc.metric is None:
-        if section == "locate":
-            return None
-        raise ValueError(f"{recipe.path}: `locate.metric` is null, so set `validate.metric` for causal validation.")
-    return get_metric(loc.metric, tokenizer, **(loc.metric_args or {}))
-
-
-def validate_causally(model, tokenizer, recipe: Recipe, result, val: ContrastivePairs) -> dict[str, Any]:
-    """Ablate the top-k located heads+neurons vs a random set of the same size; compare the metric."""
-    metric = _metric(recipe, tokenizer, "validate")
-    pairs = val.subset(min(recipe.validate.pairs, len(val)), seed=recipe.seed)
-    k = recipe.validate.top_k
-    kinds = tuple(kind for kind in ("heads", "neurons") if kind in result.scores)
-    top = result.select(top_k=k, kinds=kinds)
-    rand = result.select(top_k=k, kinds=kinds, random=recipe.seed)
-    clean = _metric_mean(model, tokenizer, pairs, metric, recipe.locate.batch_size)
-    out = {"k": k, "metric": metric_name(metric), "clean": clean}
-    for name, comps in (("top", top), ("random", rand)):
-        with ablate(model, heads=comps.heads or None, neurons=comps.neurons or None):
-            out[name] = _metric_mean(model, tokenizer, pairs, metric, recipe.locate.batch_size)
-        out[f"{name}_components"] = comps.to_dict()
-    out["top_effect"], out["random_effect"] = out["top"] - clean, out["random"] - clean
-    return out
-
-
-def steering_sweep(model, recipe: Recipe, dirs, evaluator: Evaluator) -> dict:
-    """Alpha sweep of additive steering on validation prompts; pick the best alpha (target - side)."""
-    layers = parse_layers(recipe.steer.layers)
-    sweep = []
-    for alpha in recipe.steer.alphas:
-        steered = get_peft_model(model, SteeringConfig.from_directions(dirs, layers=layers, alpha=float(alpha)))
-        sweep.append(
-            {"alpha": float(alpha), "target": evaluator.target(steered, "val"), "side": evaluator.side(steered, "val")}
-        )
-        steered.unload()
-    best = max(sweep, key=lambda r: (r["target"] - (0 if math.isnan(r["side"]) else r["side"]), -r["alpha"]))
-    # With a condition the side effect is the condition's job, so conditional steering takes the alpha
-    # with the highest target rate on validation.
-    strongest = max(sweep, key=lambda r: (r["target"], -abs(r["alpha"])))
-    return {"layers": layers, "sweep": sweep, "best_alpha": best["alpha"], "conditional_alpha": strongest["alpha"]}
 
 
 def apply_overrides(
@@ -162,7 +104,7 @@ def _locate(run: Run) -> tuple[Any, ContrastivePairs, ContrastivePairs]:
         loc_pairs,
         method=recipe.locate.method,
         components=recipe.locate.components,
-        metric=_metric(recipe, run.tokenizer, "locate"),
+        metric=recipe_metric(recipe, run.tokenizer, "locate"),
         positions=recipe.locate.positions,
         batch_size=recipe.locate.batch_size,
     )
@@ -171,10 +113,10 @@ def _locate(run: Run) -> tuple[Any, ContrastivePairs, ContrastivePairs]:
     return result, loc_pairs, val_pairs
 
 
-def _steer(run: Run, loc_pairs: ContrastivePairs, val_pairs: ContrastivePairs) -> tuple[dict, list[dict]]:
-    """Steering directions, the alpha sweep, and the rows of the best additive and conditional adapters."""
+def _steer(run: Run, result, loc_pairs: ContrastivePairs, val_pairs: ContrastivePairs) -> tuple[dict, list[dict]]:
+    """Steering directions, the alpha sweeps, and the rows of the best additive, conditional, ITI and SAE adapters."""
     recipe, model, tok, evaluator = run.recipe, run.model, run.tokenizer, run.evaluator
-    run.log("[3/5] steer: directions, alpha sweep, conditional steering")
+    run.log("[3/5] steer: directions, alpha sweep, conditional and ITI steering")
     started = time.perf_counter()
     steer_pairs = loc_pairs
     if recipe.steer_pairs is not None:  # e.g. answer prefixes: refusal vs compliance after the same prompt
@@ -188,6 +130,7 @@ def _steer(run: Run, loc_pairs: ContrastivePairs, val_pairs: ContrastivePairs) -
             f"steering add (alpha={steering['best_alpha']:g})",
             "steering",
             SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=steering["best_alpha"]),
+            "steering",
         )
     ]
     if recipe.steer.conditional:
@@ -204,11 +147,20 @@ def _steer(run: Run, loc_pairs: ContrastivePairs, val_pairs: ContrastivePairs) -
         steering["condition"] = report.chosen
         alpha = steering["conditional_alpha"]
         config = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=alpha, condition=condition)
-        configs.append((f"conditional steering (alpha={alpha:g})", "steering_conditional", config))
+        configs.append((f"conditional steering (alpha={alpha:g})", "steering_conditional", config, "steering"))
+    if recipe.steer.iti_top_k is not None:
+        steering["iti"], config = iti_steering(model, tok, recipe, result, loc_pairs, evaluator)
+        name = f"ITI heads (top_k={recipe.steer.iti_top_k}, alpha={steering['iti']['best_alpha']:g})"
+        configs.append((name, "steering_iti", config, "iti"))
+    if recipe.steer.sae is not None:  # SAE latents located on the same pairs as the diff-in-means direction
+        steering["sae"], config = sae_steering_row(model, tok, recipe, steer_pairs, evaluator)
+        info = steering["sae"]
+        name = f"SAE latents add (layer {info['layer']}, top {len(info['latents'])}, alpha={info['best_alpha']:g})"
+        configs.append((name, "steering_sae", config, "sae_steering"))
     rows = []
-    for name, folder, config in configs:
+    for name, folder, config, adapter in configs:
         steered = get_peft_model(model, config)
-        rows.append(score_row(name, steered, evaluator, run.out / "adapters" / folder, 0.0, {"adapter": "steering"}))
+        rows.append(score_row(name, steered, evaluator, run.out / "adapters" / folder, 0.0, {"adapter": adapter}))
         steered.unload()
     run.timings["steer"] = time.perf_counter() - started
     return steering, rows
@@ -282,7 +234,7 @@ def run_recipe(
     result, loc_pairs, val_pairs = _locate(run)
     log("[2/5] validate: ablate top components vs random ones")
     validation = validate_causally(model, tokenizer, recipe, result, val_pairs)
-    steering, steer_rows = _steer(run, loc_pairs, val_pairs)
+    steering, steer_rows = _steer(run, result, loc_pairs, val_pairs)
     base_row = score_row("base", model, run.evaluator, None, 0.0, {"adapter": "base"})
     if recipe.dpo is not None:
         base_row["margin"] = _held_out_margin(run, model)

@@ -18,7 +18,7 @@ import yaml
 from .data_files import read_rows
 from .precision import check_precision
 
-BEHAVIOURS = ("refusal", "language", "ab", "target")
+BEHAVIOURS = ("refusal", "language", "ab", "target", "mc")
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -48,12 +48,19 @@ class LocateSection:
 
 @dataclass
 class ValidateSection:
-    """Ablate the top-k located components vs k random ones; ``metric`` defaults to the locate metric."""
+    """Ablate the top-k located components vs k random ones; ``metric`` defaults to the locate metric.
+
+    ``top_k: 0`` skips the check (the report says so), e.g. for a ``probe`` localization without a
+    metric. ``contrast`` measures ``metric(positive) - metric(negative)`` per pair instead of the positive
+    side alone: with ``metric: logprob`` on completion pairs, the log-likelihood margin that multiple
+    choice scores.
+    """
 
     top_k: int = 10
     pairs: int = 16
     metric: str | None = None
     metric_args: dict[str, Any] | None = None
+    contrast: bool = False
 
 
 @dataclass
@@ -65,6 +72,9 @@ class SteerSection:
     method: str = "mean_diff"
     conditional: bool = False
     val_prompts: int = 16
+    iti_top_k: int | None = None  # ITI head steering of the top-k located heads (needs `locate.method: probe`)
+    iti_alphas: tuple[float, ...] = (5.0, 10.0, 15.0)  # in units of each head's activation std, as ITI
+    sae: dict[str, Any] | None = None  # SAE-latent steering row, e.g. {layer: 15, d_sae: 2048, top_k: 5} (mi_peft.sae)
 
 
 @dataclass
@@ -89,6 +99,7 @@ class TrainSection:
     seeds: int = 1  # training order and random-component draw change per seed; the located selection does not
     param_budgets: tuple[float, ...] | None = None  # budget sweep: located, random, matched LoRA at each
     precision: str = "auto"  # bfloat16 autocast where the CPU/GPU has bf16 units, else float32 (mi_peft.precision)
+    matched_lora_lr: float | None = None  # None: `lora_lr`; a tiny matched LoRA may need the sparse step size
 
 
 @dataclass
@@ -284,6 +295,11 @@ def _check(recipe: Recipe, source: Path) -> None:
     for where, value in (("train.precision", tr.precision), ("evaluate.precision", ev.precision)):
         check_precision(value, f"{source}: {where}")
     _check_behaviour(recipe, source)
+    _check_validate_and_iti(recipe, source)
+    if recipe.steer.sae is not None:
+        from .sae.recipe_row import SAESteerOptions
+
+        SAESteerOptions.from_raw(recipe.steer.sae, str(source))
     if recipe.steer_pairs is not None:
         first = _first_row(recipe.steer_pairs)
         if not {"prompt", "positive", "negative"} <= set(first):
@@ -331,6 +347,8 @@ def _check_behaviour(recipe: Recipe, source: Path) -> None:
             f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string or a list of strings) "
             "or `data.targets` (a JSON list of strings)."
         )
+    if ev.behaviour == "mc":
+        _check_mc(recipe, source)
     if ev.behaviour == "ab":
         keys = {"question", "answer_matching_behavior", "answer_not_matching_behavior"}
         rows = read_rows(recipe.test_positive)
@@ -341,6 +359,49 @@ def _check_behaviour(recipe: Recipe, source: Path) -> None:
                 f"{source}: `evaluate.behaviour: ab` needs A/B rows in `data.test_positive` with keys {sorted(keys)}; "
                 f"the first row of {recipe.test_positive.name} is {found}."
             )
+
+
+def _check_mc(recipe: Recipe, source: Path) -> None:
+    """``behaviour: mc`` scores rows of ``data.test_positive`` and has no side prompts."""
+    from .evaluate.mc import MC_KEYS, mc_items
+
+    if recipe.test_negative is not None:
+        raise ValueError(
+            f"{source}: `evaluate.behaviour: mc` has no side prompts, so `data.test_negative` would be ignored; "
+            "remove it."
+        )
+    try:
+        mc_items(read_rows(recipe.test_positive), where=recipe.test_positive.name)
+    except ValueError as err:
+        raise ValueError(
+            f"{source}: `evaluate.behaviour: mc` needs rows with keys {list(MC_KEYS)} in `data.test_positive`: {err}"
+        ) from None
+
+
+def _check_validate_and_iti(recipe: Recipe, source: Path) -> None:
+    """``validate.top_k`` (0 skips causal validation) and the ITI steering options."""
+    top_k, steer = recipe.validate.top_k, recipe.steer
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"{source}: `validate.top_k` must be an integer >= 0 (0 skips validation), got {top_k!r}.")
+    if steer.iti_top_k is None:
+        return
+    k = steer.iti_top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{source}: `steer.iti_top_k` must be a positive integer or null (no ITI), got {k!r}.")
+    if recipe.locate.method != "probe" or "heads" not in recipe.locate.components:
+        raise ValueError(
+            f"{source}: `steer.iti_top_k` steers the heads that probes rank best, so it needs `locate.method: "
+            f"probe` with `heads` in `locate.components` (got {recipe.locate.method!r}, "
+            f"{list(recipe.locate.components)}); set those or `steer.iti_top_k: null`."
+        )
+    alphas = steer.iti_alphas
+    ok = isinstance(alphas, tuple) and alphas and all(_is_number(a) for a in alphas)
+    if not ok:
+        raise ValueError(f"{source}: `steer.iti_alphas` must be a non-empty list of numbers, got {alphas!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_budgets(budgets: Any, source: Path | str, name: str) -> None:

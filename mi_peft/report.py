@@ -33,6 +33,7 @@ _LABELS = {
     "language": ("target-language replies", "target-language replies on negative prompts"),
     "ab": ("non-sycophantic A/B choice", "-"),
     "target": ("target-string rate", "target-string rate on negative prompts"),
+    "mc": ("correct answer more likely (binary choice)", "-"),
 }
 
 
@@ -193,6 +194,47 @@ def _top_line(kind: str, letter: str, top: list) -> str:
     return f"Top {kind} (layer, index, score): " + ", ".join(f"L{a[0]}{letter}{a[1]} {s:+.3g}" for a, s in top) + ". "
 
 
+def _validation_line(val: dict[str, Any], recipe: dict[str, Any]) -> str:
+    if "skipped" in val:
+        return f"Skipped ({val['skipped']}): no ablation was measured, so the localization is not causally checked."
+    return (
+        f"Metric `{val.get('metric', recipe['locate']['metric'])}`. "
+        f"Zero-ablating the top {val['k']} located components moves it by {val['top_effect']:+.4f} "
+        f"(clean {val['clean']:.4f}); ablating {val['k']} random components moves it by {val['random_effect']:+.4f}."
+    )
+
+
+def _iti_lines(iti: dict[str, Any]) -> list[str]:
+    """The ITI sweep: alpha is in units of each steered head's activation std along its direction."""
+    heads = ", ".join(f"L{layer}H{head}" for layer, head in iti["heads"])
+    return [
+        f"ITI head steering of the top {iti['top_k']} probe heads ({heads}); alpha in units of each head's "
+        f"activation std; best alpha on validation: {iti['best_alpha']:g}.",
+        "",
+        "| ITI alpha | target | side |",
+        "|---|---|---|",
+        *[f"| {r['alpha']:g} | {_cell(r, 'target', '{:.1%}')} | {_cell(r, 'side', '{:.1%}')} |" for r in iti["sweep"]],
+        "",
+    ]
+
+
+def _sae_lines(sae: dict[str, Any]) -> list[str]:
+    """The SAE row's latents, the SAE's reconstruction on held-out text and its alpha sweep."""
+    rec = sae["reconstruction"]
+    return [
+        f"SAE steering: the top {len(sae['latents'])} latents by `mean_diff` on the steering pairs "
+        f"({', '.join(map(str, sae['latents']))}) of a {sae['d_sae']}-latent SAE on layer {sae['layer']} "
+        f"(held-out FVU {rec['fvu']:.3f}, L0 {rec['l0']:.1f}, dead {rec['dead_fraction']:.1%}, next-token loss "
+        f"{rec['ce_increase']:+.3f} nats with the reconstruction); each adds alpha x its decoder row; "
+        f"best alpha on validation: {sae['best_alpha']:g}.",
+        "",
+        "| SAE alpha | target | side |",
+        "|---|---|---|",
+        *[f"| {r['alpha']:g} | {_cell(r, 'target', '{:.1%}')} | {_cell(r, 'side', '{:.1%}')} |" for r in sae["sweep"]],
+        "",
+    ]
+
+
 def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
     """Write plots and ``report.md`` for a finished run; return the report path."""
     plots = out / "plots"
@@ -231,16 +273,14 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
         "",
         "## Localization",
         "",
-        f"Method `{recipe['locate']['method']}`, metric `{recipe['locate']['metric']}`, "
+        f"Method `{recipe['locate']['method']}`, metric `{recipe['locate']['metric'] or 'none'}`, "
         f"{recipe['locate']['pairs']} pairs. "
         + _top_line("heads", "H", results["localization"].get("top_heads", []))
         + _top_line("neurons", "N", results["localization"].get("top_neurons", [])),
         "",
         "## Causal validation",
         "",
-        f"Metric `{val.get('metric', recipe['locate']['metric'])}`. "
-        f"Zero-ablating the top {val['k']} located components moves it by {val['top_effect']:+.4f} "
-        f"(clean {val['clean']:.4f}); ablating {val['k']} random components moves it by {val['random_effect']:+.4f}.",
+        _validation_line(val, recipe),
         "",
         "## Steering",
         "",
@@ -257,6 +297,10 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
     ]
     if "condition" in steer:
         lines += [f"Conditional steering condition: `{steer['condition']}`", ""]
+    if "iti" in steer:
+        lines += _iti_lines(steer["iti"])
+    if "sae" in steer:
+        lines += _sae_lines(steer["sae"])
     lines += ["## Plots", "", *[f"![{p.stem}]({p.as_posix()})" for p in written], ""]
     lines += ["## Timings (s)", "", *[f"- {k}: {v:.1f}" for k, v in results["timings"].items()], ""]
     path = out / "report.md"

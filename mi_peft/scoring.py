@@ -16,13 +16,16 @@ from typing import Any
 from peft import PeftModel
 
 from .data import read_rows, read_texts
-from .evaluate import ab_accuracy, kl_to_base, language_rate, refusal_rate, target_rate
+from .evaluate import ab_accuracy, kl_to_base, language_rate, mc_accuracy, mc_items, refusal_rate, target_rate
 from .evaluate.general import general_ability
 from .evaluate.generation import generate
 from .evaluate.health import generation_health
 from .precision import autocast
 from .recipe import Recipe
 from .stats import wilson_interval
+
+# behaviours scored on rows of `data.test_positive` (A/B items, multiple choice), with no side prompts
+_ROW_BEHAVIOURS = ("ab", "mc")
 
 
 def _target_strings(recipe: Recipe) -> list[str]:
@@ -43,7 +46,7 @@ class Evaluator:
         ev = recipe.evaluate
         self.recipe, self.tokenizer, self.ev = recipe, tokenizer, ev
         n, v = ev.n_test, recipe.steer.val_prompts
-        if ev.behaviour == "ab":
+        if ev.behaviour in _ROW_BEHAVIOURS:
             rows = read_rows(recipe.test_positive)
             self.sets = {"test": (rows[:n], []), "val": (rows[n : n + v], [])}
         else:
@@ -52,7 +55,7 @@ class Evaluator:
             self.sets = {"test": (pos[:n], neg[:n]), "val": (pos[n : n + v], neg[n : n + v])}
         self.targets = _target_strings(recipe)
         neutral_source = recipe.neutral or (
-            None if ev.behaviour == "ab" else recipe.test_negative or recipe.test_positive
+            None if ev.behaviour in _ROW_BEHAVIOURS else recipe.test_negative or recipe.test_positive
         )
         self.neutral = read_texts(neutral_source)[: ev.n_neutral] if neutral_source is not None else []
 
@@ -75,10 +78,12 @@ class Evaluator:
         return len(positive), len(negative)
 
     def target(self, model, split: str = "test") -> float:
-        """Rate of the wanted behaviour (refusal of harmful prompts, French replies, non-sycophantic choice)."""
+        """Rate of the wanted behaviour (refusal of harmful prompts, French replies, unsycophantic or right choice)."""
         positive, _ = self.sets[split]
         if self.ev.behaviour == "ab":
             return 1.0 - ab_accuracy(model, self.tokenizer, positive).accuracy if positive else float("nan")
+        if self.ev.behaviour == "mc":
+            return mc_accuracy(model, self.tokenizer, *mc_items(positive)).accuracy if positive else float("nan")
         return self._rate(model, positive)
 
     def side(self, model, split: str = "test") -> float:

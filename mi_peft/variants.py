@@ -101,8 +101,11 @@ def _n_selected(config: SparseConfig, layer: int) -> int:
 
 
 def learning_rate(variant: Variant, recipe: Recipe) -> float:
-    """LoRA's learning rate for LoRA variants, the sparse one (or `dpo_lr` for DPO) otherwise."""
+    """LoRA's learning rate for LoRA variants (`matched_lora_lr` for the matched one when set), the sparse
+    one (or `dpo_lr` for DPO) otherwise."""
     tr = recipe.train
+    if variant.adapter == "lora_matched" and tr.matched_lora_lr is not None:
+        return tr.matched_lora_lr
     if variant.adapter in ("lora", "lora_matched"):
         return tr.lora_lr
     if variant.method == "dpo":

@@ -226,6 +226,7 @@ def test_packaged_data_matches_source_md():
         "piqa/valid-labels.lst",
         "blimp.jsonl",
         "wikitext2_test_excerpt.txt",
+        "wikitext2_valid.txt",
         "generic_instructions.json",
     }
     for digest, name in listed.items():
@@ -237,6 +238,8 @@ def test_packaged_data_matches_source_md():
     assert len(pairs) == 670 and len({p for p, _, _ in pairs}) == 67
     paragraphs = load_paragraphs()
     assert len(paragraphs) > 24 and not any(p.startswith("= ") for p in paragraphs)
+    corpus = load_paragraphs(GENERAL / "wikitext2_valid.txt")  # the SAE corpus shares no paragraph with the test text
+    assert len(corpus) > 1000 and not set(corpus) & set(paragraphs)
     licenses = {
         "LICENSE-AFL-3.0": 'Academic Free License ("AFL") v. 3.0',
         "LICENSE-CC-BY-4.0": "Creative Commons Attribution 4.0 International",

@@ -86,6 +86,9 @@ def _tiny_copy(name: str, tmp_path: Path) -> Path:
     for section, values in TINY.items():
         raw[section] = {**raw.get(section, {}), **values}
     raw["steer"]["alphas"] = raw["steer"]["alphas"][:2]
+    if "sae" in raw["steer"]:  # a small SAE: the recipe's own trains on 40,000 activations
+        sae = raw["steer"]["sae"]
+        raw["steer"]["sae"] = {**sae, "d_sae": 256, "k": 8, "tokens": 2048, "epochs": 1, "alphas": sae["alphas"][:2]}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -101,6 +104,7 @@ def test_every_shipped_recipe_runs(tmp_path, name):
     assert names[0] == "base" and names[1].startswith("steering add")
     assert {"sparse located", "sparse random", "LoRA r=8"} <= set(names)
     assert ("sparse located DPO" in names) == (name == "sycophancy.yaml")
+    assert any(n.startswith("SAE latents add") for n in names) == (name == "sentiment.yaml")
     for row in results["variants"]:
         assert 0.0 <= row["target"] <= 1.0, row
         assert row["side"] is None or 0.0 <= row["side"] <= 1.0, row

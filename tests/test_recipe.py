@@ -80,6 +80,13 @@ def test_valid_minimal_recipe(tmp_path):
         (lambda r: r["data"].update(pair_keys={"question": "q"}), "`data.pair_keys` maps"),
         (lambda r: r["data"].update(pair_keys={"prompt": "q"}), "`data.pairs` is a folder"),
         (lambda r: r.update(steer={"method": "svd"}), "`steer.method` must be"),
+        (lambda r: r.update(validate={"top_k": -1}), r"`validate.top_k` must be an integer >= 0"),
+        (lambda r: r.update(steer={"iti_top_k": 4}), "`steer.iti_top_k` steers the heads that probes rank best"),
+        (lambda r: r.update(evaluate={"behaviour": "mc"}), "`evaluate.behaviour: mc` has no side prompts"),
+        (
+            lambda r: (r.update(evaluate={"behaviour": "mc"}), r["data"].pop("test_negative")),
+            r"needs rows with keys \['question', 'correct', 'incorrect'\] .*row 0 must be an object",
+        ),
     ],
 )
 def test_bad_recipes_fail_before_training(tmp_path, edit, message):

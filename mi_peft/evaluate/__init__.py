@@ -2,7 +2,8 @@
 
 Behaviour (from greedy generations): :func:`refusal_rate` (over-refusal = the same on harmless prompts),
 :func:`target_rate`, :func:`language_rate`; from next-token probabilities: :func:`ab_accuracy` on CAA
-A/B items. Side effects on neutral inputs: :func:`kl_to_base` (adapter on vs off, or vs a base model)
+A/B items; :func:`mc_accuracy` (binary multiple choice such as TruthfulQA's, by answer
+log-likelihood). Side effects on neutral inputs: :func:`kl_to_base` (adapter on vs off, or vs a base model)
 and :func:`perplexity`. General ability on plain text: :func:`general_ability` (:func:`piqa_accuracy`,
 :func:`blimp_accuracy`, :func:`text_perplexity`); generation health of replies to generic instructions:
 :func:`generation_health` (:func:`degenerate_rate`, :func:`duplicate_rate`, :func:`distinct_2`).
@@ -48,6 +49,7 @@ from .health import (
     load_generic_instructions,
 )
 from .language import LANGUAGES, detect_language
+from .mc import MC_KEYS, MCResult, mc_accuracy, mc_items
 from .report import EvalReport
 from .side_effects import kl_to_base, perplexity
 
@@ -55,12 +57,14 @@ __all__ = [
     "ARDITI_2024",
     "GCG_2023",
     "LANGUAGES",
+    "MC_KEYS",
     "REFUSAL_SUBSTRINGS",
     "ABResult",
     "BlimpResult",
     "EvalReport",
     "GeneralAbility",
     "GenerationHealth",
+    "MCResult",
     "PiqaResult",
     "RateResult",
     "ab_accuracy",
@@ -78,6 +82,8 @@ __all__ = [
     "kl_to_base",
     "language_rate",
     "load_generic_instructions",
+    "mc_accuracy",
+    "mc_items",
     "perplexity",
     "piqa_accuracy",
     "refusal_rate",

@@ -112,6 +112,8 @@ def main() -> None:
     (HERE / "blimp.jsonl").write_text(blimp, encoding="utf-8")
     excerpt = wikitext_excerpt(src / "text/wikitext-2/test.txt", WIKITEXT_MIN_BYTES)
     (HERE / "wikitext2_test_excerpt.txt").write_text(excerpt, encoding="utf-8")
+    # the whole validation split, unchanged: the generic corpus SAEs of a recipe's `steer.sae` train on
+    (HERE / "wikitext2_valid.txt").write_bytes((src / "text/wikitext-2/valid.txt").read_bytes())
     rows = held_out_instructions(
         src / "alpaca_sample/alpaca_noinput_sample2000_seed0.jsonl", HERE.parent, N_INSTRUCTIONS
     )
