@@ -32,6 +32,28 @@ TINY_CONFIGS = {
 }
 
 
+def tiny_llama_with_real_tokenizer(folder: Path, layers: int = 2, initializer_range: float = 0.02) -> Path:
+    """A random Llama (4 heads of 16 dims) saved to ``folder`` with the embedded model's tokenizer: its chat
+    template lets SFT run on the recipes' conversational rows, and its real tokens occur in their pairs."""
+    from mi_peft.models import resolve
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(None))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        initializer_range=initializer_range,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def make_tiny(model_type: str, seed: int = 0):
     """A tiny random model of ``model_type`` in eval mode (float32, eager attention)."""
     torch.manual_seed(seed)

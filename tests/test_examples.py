@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, tiny_llama_with_real_tokenizer
 from test_locate import one_thread  # noqa: F401  (autouse fixture: tiny models run single-threaded)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -80,19 +80,7 @@ def real_tok_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with the embedded model's tokenizer: its chat template lets SFT run on the recipe's
     conversational rows and its real " sorry"/" cannot" tokens occur in the steer pairs. Weights are drawn 5x
     larger than the default (initializer_range 0.1), so greedy replies depend on the prompt and on the heads."""
-    import transformers
-
-    from mi_peft.models import resolve
-
-    path = tmp_path_factory.mktemp("real_tok")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(None))
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=True, initializer_range=0.1)  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_llama_with_real_tokenizer(tmp_path_factory.mktemp("real_tok"), initializer_range=0.1)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_llama_with_real_tokenizer
 
 from mi_peft.cli import main
 from mi_peft.report import comparison_table
@@ -113,33 +114,10 @@ def test_every_shipped_recipe_runs(tmp_path, name):
     assert comparison_table(results["variants"]) in (out / "report.md").read_text()
 
 
-def _tiny_model_with_real_tokenizer(folder: Path) -> Path:
-    """A 2-layer random Llama that speaks the embedded model's tokenizer, saved as a local model folder."""
-    import torch
-    import transformers
-
-    from mi_peft.models import resolve
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(None))
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 def test_budget_sweep_with_seeds_at_tiny_size(tmp_path):
     """`--budgets` and `--seeds`: located, random and matched LoRA at each budget, seeds pooled, Pareto plot."""
-    raw = {**SHORT, "model": str(_tiny_model_with_real_tokenizer(tmp_path / "tiny")), "name": "sweep"}
+    raw = {**SHORT, "model": str(tiny_llama_with_real_tokenizer(tmp_path / "tiny")), "name": "sweep"}
     raw["steer"] = {"layers": "0-1", "alphas": [0, 2], "val_prompts": 2}
     raw["train"] = {**SHORT["train"], "kinds": ["neurons"]}
     raw["data"] = {k: v for k, v in SHORT["data"].items() if k != "dpo"}
@@ -186,7 +164,7 @@ def test_resume_reads_back_finished_variants_and_retrains_stale_ones(tmp_path, m
     """`--resume` trains only what an earlier run into the same folder did not finish under the same settings."""
     import mi_peft.variants as variants
 
-    raw = {**SHORT, "model": str(_tiny_model_with_real_tokenizer(tmp_path / "tiny")), "name": "resume"}
+    raw = {**SHORT, "model": str(tiny_llama_with_real_tokenizer(tmp_path / "tiny")), "name": "resume"}
     raw["steer"] = {"layers": "0-1", "alphas": [0], "val_prompts": 2}
     raw["train"] = {**SHORT["train"], "kinds": ["neurons"], "lora_baseline": False, "matched_lora": False}
     raw["data"] = {k: v for k, v in SHORT["data"].items() if k != "dpo"}

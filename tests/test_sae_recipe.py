@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import tiny_llama_with_real_tokenizer
 from peft import PeftModel
-from test_pipeline import SHORT, _tiny_model_with_real_tokenizer
+from test_pipeline import SHORT
 
 from mi_peft.cli import main
 from mi_peft.models import load_model
@@ -18,7 +19,7 @@ SAE = {"layer": 1, "d_sae": 128, "k": 4, "tokens": 1500, "epochs": 1, "top_k": 2
 
 
 def _recipe(tmp_path, sae):
-    raw = {**SHORT, "model": str(_tiny_model_with_real_tokenizer(tmp_path / "tiny")), "name": "sae-row"}
+    raw = {**SHORT, "model": str(tiny_llama_with_real_tokenizer(tmp_path / "tiny")), "name": "sae-row"}
     raw["steer"] = {"layers": "0-1", "alphas": [0, 2], "val_prompts": 2, "sae": sae}
     raw["data"] = {k: v for k, v in SHORT["data"].items() if k != "dpo"}
     raw["train"] = {**SHORT["train"], "kinds": ["neurons"], "matched_lora": False, "lora_baseline": False}

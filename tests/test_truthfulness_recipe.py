@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_llama_with_real_tokenizer
 
 from mi_peft.cli import main
 from mi_peft.data import encode, format_prompts
@@ -20,28 +21,6 @@ from mi_peft.report import comparison_table
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DATA = RECIPES / "data" / "truthfulness"
 GENERAL_TINY = {"piqa_n": 4, "blimp_n": 1, "ppl_texts": 2, "health_prompts": 2, "health_tokens": 4}
-
-
-def _tiny_model(folder: Path, layers: int = 4) -> Path:
-    """A random Llama (4 heads of 16 dims per layer) with the embedded model's tokenizer and chat template."""
-    import transformers
-
-    from mi_peft.models import resolve
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve(None))
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _json(name: str) -> list[dict]:
@@ -105,7 +84,7 @@ def _hand_margin(model, tok, question: str, good: str, bad: str) -> float:
 def test_mc_scorer_matches_a_hand_computed_comparison(tmp_path):
     from mi_peft.models import load_model
 
-    model, tok = load_model(str(_tiny_model(tmp_path / "tiny", layers=2)))
+    model, tok = load_model(str(tiny_llama_with_real_tokenizer(tmp_path / "tiny", layers=2)))
     rows = _json("test_mc.json")[:6]
     questions, good, bad = mc_items(rows)
     result = mc_accuracy(model, tok, questions, good, bad, batch_size=4)
@@ -158,7 +137,7 @@ def test_bad_truthfulness_recipes_name_the_problem(tmp_path, edit, message):
 @pytest.mark.slow
 def test_recipe_runs_end_to_end_at_tiny_size(tmp_path):
     raw = _absolute_copy()
-    raw["model"] = str(_tiny_model(tmp_path / "tiny"))
+    raw["model"] = str(tiny_llama_with_real_tokenizer(tmp_path / "tiny", layers=4))
     raw["locate"].update(pairs=6, batch_size=4)
     raw["validate"].update(top_k=3, pairs=3)
     raw["steer"].update(layers="1", alphas=[0, 4], val_prompts=3, iti_top_k=8, iti_alphas=[0, 5])
@@ -198,7 +177,7 @@ def test_recipe_runs_end_to_end_at_tiny_size(tmp_path):
 @pytest.mark.slow
 def test_skipped_validation_is_reported(tmp_path):
     raw = _absolute_copy()
-    raw["model"] = str(_tiny_model(tmp_path / "tiny", layers=2))
+    raw["model"] = str(tiny_llama_with_real_tokenizer(tmp_path / "tiny", layers=2))
     raw["locate"].update(pairs=4, batch_size=4)
     raw["validate"] = {"top_k": 0}
     raw["steer"] = {"layers": "1", "alphas": [0], "val_prompts": 2}
