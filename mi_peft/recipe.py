@@ -395,12 +395,13 @@ def _check_validate_and_iti(recipe: Recipe, source: Path) -> None:
             f"{list(recipe.locate.components)}); set those or `steer.iti_top_k: null`."
         )
     alphas = steer.iti_alphas
-    ok = isinstance(alphas, tuple) and alphas and all(_is_number(a) for a in alphas)
+    ok = isinstance(alphas, tuple) and alphas and all(is_finite_number(a) for a in alphas)
     if not ok:
         raise ValueError(f"{source}: `steer.iti_alphas` must be a non-empty list of numbers, got {alphas!r}.")
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float, not a bool: what numeric recipe fields accept."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

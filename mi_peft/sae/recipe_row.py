@@ -9,7 +9,6 @@ held-out prompts, so the two ways of finding a steering direction are compared d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from ..data import ContrastivePairs, format_prompts
 from ..evaluate.general import general_data_dir, load_paragraphs
+from ..recipe import is_finite_number
 from .adapter import SAESteeringConfig
 
 
@@ -47,16 +47,12 @@ class SAESteerOptions:
             value = raw.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "layer" else 1):
                 raise ValueError(f"{where}: `steer.sae.{key}` must be a positive integer, got {value!r}.")
-        if not _finite(raw.get("lr", 1.0)) or raw.get("lr", 1.0) <= 0:
+        if not is_finite_number(raw.get("lr", 1.0)) or raw.get("lr", 1.0) <= 0:
             raise ValueError(f"{where}: `steer.sae.lr` must be a positive number, got {raw['lr']!r}.")
         alphas = raw.get("alphas", cls.alphas)
-        if not isinstance(alphas, (list, tuple)) or not alphas or not all(_finite(a) for a in alphas):
+        if not isinstance(alphas, (list, tuple)) or not alphas or not all(is_finite_number(a) for a in alphas):
             raise ValueError(f"{where}: `steer.sae.alphas` must be a non-empty list of numbers, got {alphas!r}.")
         return cls(**{**raw, "alphas": tuple(float(a) for a in alphas)})
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 HELD_OUT_PARAGRAPHS = 32  # generic paragraphs kept out of SAE training to measure its reconstruction
