@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .scoring import is_missing
-from .stats import intervals_overlap, mean_std, wilson_interval
+from .stats import intervals_overlap, mean_std, newcombe_difference, wilson_interval
 
 RATES = ("target", "side")
 AVERAGED = (
@@ -77,13 +77,56 @@ def _interval(row: dict[str, Any], key: str) -> tuple[float, float] | None:
     return row[f"{key}_low"], row[f"{key}_high"]
 
 
+def _difference(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, float] | None:
+    """95% Newcombe interval of ``a[key] - b[key]`` from the pooled counts (``None`` without counts)."""
+    if not a.get(f"{key}_n") or not b.get(f"{key}_n") or is_missing(a.get(key)) or is_missing(b.get(key)):
+        return None
+    n_a, n_b = int(a[f"{key}_n"]), int(b[f"{key}_n"])
+    _, low, high = newcombe_difference(round(a[key] * n_a), n_a, round(b[key] * n_b), n_b)
+    return low, high
+
+
 def _net(row: dict[str, Any]) -> float:
     """Target minus side (side counts 0 where the recipe has none)."""
     return row["target"] - (0.0 if is_missing(row.get("side")) else row["side"])
 
 
+def _versus_random(located: dict[str, Any], random: dict[str, Any]) -> dict[str, Any]:
+    a, b = _interval(located, "target"), _interval(random, "target")
+    return {
+        "random_target": random["target"],
+        "target_gain_over_random": located["target"] - random["target"],
+        "target_gain_interval": _difference(located, random, "target"),
+        "side_change_over_random": (
+            None
+            if is_missing(located.get("side")) or is_missing(random.get("side"))
+            else located["side"] - random["side"]
+        ),
+        "separated_from_random": None if a is None or b is None else not intervals_overlap(a, b),
+    }
+
+
+def _preference_methods(summary: Sequence[dict[str, Any]], located: dict[str, Any], budget: Any) -> dict[str, Any]:
+    """Sparse DPO against the base model and the SFT->DPO chain against SFT alone, where they were trained."""
+    out: dict[str, Any] = {}
+    base = next((r for r in summary if r.get("adapter") == "base"), None)
+    dpo = _find(summary, "located", "dpo", budget)
+    if dpo is not None and base is not None:
+        out.update(
+            dpo_target=dpo["target"],
+            dpo_side=dpo.get("side"),
+            dpo_gain_over_base=dpo["target"] - base["target"],
+            dpo_gain_interval=_difference(dpo, base, "target"),
+        )
+    chain = _find(summary, "located", "sft+dpo", budget)
+    if chain is not None:
+        out.update(sft_dpo_net=_net(chain), sft_dpo_net_gain_over_sft=_net(chain) - _net(located))
+    return out
+
+
 def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per budget: located vs random (target, side, separated intervals) and located vs matched LoRA (net)."""
+    """Per budget: located vs random (target, side, separated intervals, interval of the difference),
+    located vs matched LoRA (net), and sparse DPO / SFT->DPO where they were trained at that budget."""
     out = []
     budgets = list(dict.fromkeys(r.get("budget") for r in summary if r.get("adapter") == "located"))
     for budget in budgets:
@@ -93,19 +136,10 @@ def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         verdict: dict[str, Any] = {"budget": budget, "located_target": located["target"], "located_net": _net(located)}
         random = _find(summary, "random", "sft", budget)
         if random is not None:
-            a, b = _interval(located, "target"), _interval(random, "target")
-            verdict.update(
-                random_target=random["target"],
-                target_gain_over_random=located["target"] - random["target"],
-                side_change_over_random=(
-                    None
-                    if is_missing(located.get("side")) or is_missing(random.get("side"))
-                    else located["side"] - random["side"]
-                ),
-                separated_from_random=None if a is None or b is None else not intervals_overlap(a, b),
-            )
+            verdict.update(_versus_random(located, random))
         lora = _find(summary, "lora_matched", "sft", budget)
         if lora is not None:
             verdict.update(lora_net=_net(lora), net_gain_over_matched_lora=_net(located) - _net(lora))
+        verdict.update(_preference_methods(summary, located, budget))
         out.append(verdict)
     return out

@@ -161,29 +161,51 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _verdict_lines(verdicts: list[dict[str, Any]], seeds: int) -> list[str]:
+def _interval_text(interval: Any) -> str:
+    return "" if interval is None else f" [95% CI {interval[0]:+.1%}, {interval[1]:+.1%}]"
+
+
+def _budget_verdict_line(v: dict[str, Any]) -> str:
+    text = f"- budget {v['budget']:g}: located {v['located_target']:.1%}"
+    if "random_target" in v:
+        separated = {True: "intervals do not overlap", False: "intervals overlap", None: "no interval"}
+        text += (
+            f" vs random {v['random_target']:.1%} ({v['target_gain_over_random']:+.1%}"
+            f"{_interval_text(v.get('target_gain_interval'))}, {separated[v['separated_from_random']]})"
+        )
+        if v.get("side_change_over_random") is not None:
+            text += f", side effect {v['side_change_over_random']:+.1%} vs random"
+    if "lora_net" in v:
+        text += (
+            f"; target minus side {v['located_net']:+.1%} vs matched LoRA {v['lora_net']:+.1%} "
+            f"({v['net_gain_over_matched_lora']:+.1%})"
+        )
+    return text + "."
+
+
+def _preference_lines(v: dict[str, Any]) -> list[str]:
     lines = []
-    for v in verdicts:
-        budget = v["budget"]
-        text = f"- budget {budget:g}: located {v['located_target']:.1%}"
-        if "random_target" in v:
-            separated = {True: "intervals do not overlap", False: "intervals overlap", None: "no interval"}
-            text += (
-                f" vs random {v['random_target']:.1%} ({v['target_gain_over_random']:+.1%}, "
-                f"{separated[v['separated_from_random']]})"
-            )
-            if v.get("side_change_over_random") is not None:
-                text += f", side effect {v['side_change_over_random']:+.1%} vs random"
-        if "lora_net" in v:
-            text += (
-                f"; target minus side {v['located_net']:+.1%} vs matched LoRA {v['lora_net']:+.1%} "
-                f"({v['net_gain_over_matched_lora']:+.1%})"
-            )
-        lines.append(text + ".")
+    if "dpo_gain_over_base" in v:
+        side = "" if _missing(v.get("dpo_side")) else f", side {v['dpo_side']:.1%}"
+        lines.append(
+            f"- budget {v['budget']:g}: sparse located DPO {v['dpo_target']:.1%}{side}: "
+            f"{v['dpo_gain_over_base']:+.1%} from base{_interval_text(v.get('dpo_gain_interval'))}."
+        )
+    if "sft_dpo_net" in v:
+        lines.append(
+            f"- budget {v['budget']:g}: SFT->DPO target minus side {v['sft_dpo_net']:+.1%} vs SFT alone "
+            f"{v['located_net']:+.1%} ({v['sft_dpo_net_gain_over_sft']:+.1%})."
+        )
+    return lines
+
+
+def _verdict_lines(verdicts: list[dict[str, Any]], seeds: int) -> list[str]:
+    lines = [_budget_verdict_line(v) for v in verdicts]
+    lines += [line for v in verdicts for line in _preference_lines(v)]
     if lines:
         lines.append(
             f"\nRates pool {seeds} seed(s) x the held-out prompts for each 95% Wilson interval; ± is the standard "
-            "deviation across seeds."
+            "deviation across seeds; the interval of a difference is Newcombe's (from the two Wilson intervals)."
         )
     return lines
 

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from mi_peft.aggregate import summarize, summarize_runs, verdicts
-from mi_peft.stats import wilson_interval
+from mi_peft.report import _verdict_lines
+from mi_peft.stats import newcombe_difference, wilson_interval
 
 
 def _row(adapter, seed, target, side, budget=0.001, n=50):
@@ -56,3 +57,19 @@ def test_verdicts_compare_located_random_and_matched_lora():
     assert first["target_gain_over_random"] == pytest.approx(0.4) and first["separated_from_random"] is True
     assert first["net_gain_over_matched_lora"] == pytest.approx(0.8 - 0.5)
     assert second["budget"] == 0.0001 and second["separated_from_random"] is False and "lora_net" not in second
+
+
+def test_verdicts_carry_the_difference_interval_and_preference_methods():
+    base = {"variant": "base", "adapter": "base", "target": 0.02, "target_n": 150, "side": 0.0, "side_n": 150}
+    runs = [_row("located", s, 0.8, 0.1) for s in range(3)] + [_row("random", s, 0.6, 0.1) for s in range(3)]
+    runs += [{**_row("located", s, 0.5, 0.05), "method": "dpo", "variant": "located DPO"} for s in range(3)]
+    runs += [{**_row("located", s, 0.9, 0.1), "method": "sft+dpo", "variant": "located SFT->DPO"} for s in range(3)]
+    (verdict,) = verdicts([base, *summarize_runs(runs)])
+    _, low, high = newcombe_difference(120, 150, 90, 150)
+    assert verdict["target_gain_interval"] == pytest.approx((low, high)) and low > 0
+    assert verdict["dpo_gain_over_base"] == pytest.approx(0.48)
+    assert verdict["dpo_gain_interval"] == pytest.approx(newcombe_difference(75, 150, 3, 150)[1:])
+    assert verdict["sft_dpo_net_gain_over_sft"] == pytest.approx(0.8 - 0.7)
+    lines = _verdict_lines([verdict], seeds=3)
+    assert any("sparse located DPO 50.0%" in line and "+48.0% from base" in line for line in lines)
+    assert any("SFT->DPO target minus side +80.0% vs SFT alone +70.0% (+10.0%)" in line for line in lines)

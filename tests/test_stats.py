@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from mi_peft.stats import intervals_overlap, mean_std, wilson_interval
+from mi_peft.stats import intervals_overlap, mean_std, newcombe_difference, wilson_interval
 
 # Published Wilson score intervals (95%). Newcombe (1998), "Two-sided confidence intervals for the single
 # proportion: comparison of seven methods", Stat. Med. 17:857-872, Table I, method 3 (score, no continuity
@@ -110,3 +110,27 @@ def test_intervals_overlap():
         intervals_overlap((0.5, 0.2), (0.0, 1.0))
     with pytest.raises(ValueError, match=r"\(low, high\) pair"):
         intervals_overlap((0.5,), (0.0, 1.0))
+
+
+# Newcombe (1998), "Interval estimation for the difference between independent proportions", Table II,
+# method 10 (hybrid score): three of its worked examples.
+@pytest.mark.parametrize(
+    "a, n_a, b, n_b, low, high",
+    [
+        (56, 70, 48, 80, 0.0524, 0.3339),
+        (9, 10, 3, 10, 0.1705, 0.8090),
+        (5, 56, 0, 29, -0.0381, 0.1926),
+    ],
+)
+def test_newcombe_difference_matches_published_values(a, n_a, b, n_b, low, high):
+    difference, got_low, got_high = newcombe_difference(a, n_a, b, n_b)
+    assert difference == pytest.approx(a / n_a - b / n_b)
+    assert (got_low, got_high) == pytest.approx((low, high), abs=6e-5)
+
+
+def test_newcombe_difference_is_antisymmetric_and_checks_counts():
+    d, low, high = newcombe_difference(30, 100, 60, 100)
+    mirrored = newcombe_difference(60, 100, 30, 100)
+    assert (d, low, high) == pytest.approx((-mirrored[0], -mirrored[2], -mirrored[1]))
+    with pytest.raises(ValueError, match="between 0 and n"):
+        newcombe_difference(11, 10, 3, 10)
