@@ -31,16 +31,19 @@ demo: $(STAMP)
 	.venv/bin/mi-peft info
 	.venv/bin/mi-peft run refusal $(DEMO_SIZE) --precision $(PRECISION) --out runs/demo
 
-# The evidence report (docs/results/refusal-evidence): 3 seeds x every variant at recipe size (40 SFT
-# steps, 20 DPO steps, 100 + 100 held-out prompts) at two budgets, with side effects. About two hours
-# on 2 CPU cores; stop it at any time and run it again: --resume reads back every variant it finished.
-# A wider sweep: make evidence BUDGETS=0.0001,0.0003,0.0013,0.005 (about twice as long).
+# The evidence run: SEEDS seeds x every variant at recipe size (40 SFT steps, 20 DPO steps, 100 + 100
+# held-out prompts) at two budgets, with side effects. About 50 minutes per seed on 2 CPU cores (plus
+# 10 for locate and steer); stop it at any time and run it again: --resume reads back every variant it
+# finished, so `make evidence SEEDS=2` after a 3-seed run (or the reverse) trains only what is missing.
+# docs/results/refusal-evidence was made by `make evidence SEEDS=2`. A wider sweep:
+# make evidence BUDGETS=0.0001,0.0003,0.0013,0.005 (about twice as long).
 BUDGETS ?= 0.0003,0.0013
+SEEDS ?= 3
 EVIDENCE_SIZE := --set evaluate.blimp_n=2 --set evaluate.ppl_texts=8 --set evaluate.health_prompts=24 \
 	--set evaluate.health_tokens=32
 
 evidence: $(STAMP)
-	.venv/bin/mi-peft run refusal --seeds 3 --budgets $(BUDGETS) $(EVIDENCE_SIZE) --precision $(PRECISION) \
+	.venv/bin/mi-peft run refusal --seeds $(SEEDS) --budgets $(BUDGETS) $(EVIDENCE_SIZE) --precision $(PRECISION) \
 		--out runs/evidence --resume
 
 test: $(STAMP)
