@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from mi_peft import ContrastivePairs, SteeringConfig, directions, locate, spec_for
 from mi_peft.evaluate import mc_accuracy
 from mi_peft.models import load_model
-from mi_peft.stats import wilson_interval
 from mi_peft.tuners.steering import head_directions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +106,7 @@ class Scorer:
         finally:
             if config is not None:
                 steered.unload()
-        low, high = wilson_interval(result.correct, result.n)
+        low, high = result.interval()
         return {"accuracy": result.accuracy, "correct": result.correct, "ci95": [low, high],
                 "margin": result.mean_margin}  # fmt: skip
 

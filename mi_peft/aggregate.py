@@ -31,11 +31,16 @@ AVERAGED = (
 )
 
 
+def _successes(row: dict[str, Any], key: str) -> int:
+    """Judged items that met ``key`` in ``row``: its rate times its item count (rates are exact fractions)."""
+    return round(row[key] * row[f"{key}_n"])
+
+
 def _pooled_interval(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float] | None:
     counted = [r for r in rows if not is_missing(r.get(key)) and r.get(f"{key}_n")]
     if not counted:
         return None
-    successes = sum(round(r[key] * r[f"{key}_n"]) for r in counted)
+    successes = sum(_successes(r, key) for r in counted)
     return wilson_interval(successes, sum(int(r[f"{key}_n"]) for r in counted))
 
 
@@ -81,8 +86,7 @@ def _difference(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, 
     """95% Newcombe interval of ``a[key] - b[key]`` from the pooled counts (``None`` without counts)."""
     if not a.get(f"{key}_n") or not b.get(f"{key}_n") or is_missing(a.get(key)) or is_missing(b.get(key)):
         return None
-    n_a, n_b = int(a[f"{key}_n"]), int(b[f"{key}_n"])
-    _, low, high = newcombe_difference(round(a[key] * n_a), n_a, round(b[key] * n_b), n_b)
+    _, low, high = newcombe_difference(_successes(a, key), int(a[f"{key}_n"]), _successes(b, key), int(b[f"{key}_n"]))
     return low, high
 
 

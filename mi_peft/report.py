@@ -226,6 +226,16 @@ def _validation_line(val: dict[str, Any], recipe: dict[str, Any]) -> str:
     )
 
 
+def _alpha_table(label: str, sweep: list[dict[str, Any]]) -> list[str]:
+    """A steering sweep as a markdown table: one row per strength with its validation target and side rates."""
+    return [
+        f"| {label} | target | side |",
+        "|---|---|---|",
+        *[f"| {r['alpha']:g} | {_cell(r, 'target', '{:.1%}')} | {_cell(r, 'side', '{:.1%}')} |" for r in sweep],
+        "",
+    ]
+
+
 def _iti_lines(iti: dict[str, Any]) -> list[str]:
     """The ITI sweep: alpha is in units of each steered head's activation std along its direction."""
     heads = ", ".join(f"L{layer}H{head}" for layer, head in iti["heads"])
@@ -233,10 +243,7 @@ def _iti_lines(iti: dict[str, Any]) -> list[str]:
         f"ITI head steering of the top {iti['top_k']} probe heads ({heads}); alpha in units of each head's "
         f"activation std; best alpha on validation: {iti['best_alpha']:g}.",
         "",
-        "| ITI alpha | target | side |",
-        "|---|---|---|",
-        *[f"| {r['alpha']:g} | {_cell(r, 'target', '{:.1%}')} | {_cell(r, 'side', '{:.1%}')} |" for r in iti["sweep"]],
-        "",
+        *_alpha_table("ITI alpha", iti["sweep"]),
     ]
 
 
@@ -250,10 +257,7 @@ def _sae_lines(sae: dict[str, Any]) -> list[str]:
         f"{rec['ce_increase']:+.3f} nats with the reconstruction); each adds alpha x its decoder row; "
         f"best alpha on validation: {sae['best_alpha']:g}.",
         "",
-        "| SAE alpha | target | side |",
-        "|---|---|---|",
-        *[f"| {r['alpha']:g} | {_cell(r, 'target', '{:.1%}')} | {_cell(r, 'side', '{:.1%}')} |" for r in sae["sweep"]],
-        "",
+        *_alpha_table("SAE alpha", sae["sweep"]),
     ]
 
 
@@ -309,13 +313,7 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
         f"Additive steering on layers {steer['layers'][0]}-{steer['layers'][-1]}; best alpha on validation: "
         f"{steer['best_alpha']:g}.",
         "",
-        "| alpha | target | side |",
-        "|---|---|---|",
-        *[
-            f"| {r['alpha']:g} | {_cell(r, 'target', '{:.1%}')} | {_cell(r, 'side', '{:.1%}')} |"
-            for r in steer["sweep"]
-        ],
-        "",
+        *_alpha_table("alpha", steer["sweep"]),
     ]
     if "condition" in steer:
         lines += [f"Conditional steering condition: `{steer['condition']}`", ""]
