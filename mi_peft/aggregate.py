@@ -23,6 +23,7 @@ AVERAGED = (
     "degenerate",
     "duplicates",
     "distinct_2",
+    "openings",
     "train_seconds",
     "trainable_params",
     "trainable_pct",

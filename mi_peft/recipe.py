@@ -109,6 +109,8 @@ class EvaluateSection:
     max_new_tokens: int = 32
     n_neutral: int = 20
     target: str | tuple[str, ...] | None = None
+    target_min_hits: int = 1  # distinct target strings a reply needs; 2 fails a one-word stock phrase
+    ab_both_orders: bool = False  # ask A/B items in both option orders, so a letter preference cancels out
     language: str | None = None
     language_min_votes: float = 3.0  # function-word votes; 3 fails the template "La réponse est 1." (1.5 votes)
     general: bool = True  # PIQA, BLiMP and held-out text perplexity for every variant
@@ -342,6 +344,11 @@ def _check_behaviour(recipe: Recipe, source: Path) -> None:
     votes = ev.language_min_votes
     if isinstance(votes, bool) or not isinstance(votes, int | float) or not votes > 0:
         raise ValueError(f"{source}: `evaluate.language_min_votes` must be a positive number, got {votes!r}.")
+    if not isinstance(ev.ab_both_orders, bool):
+        raise ValueError(f"{source}: `evaluate.ab_both_orders` must be true or false, got {ev.ab_both_orders!r}.")
+    hits = ev.target_min_hits
+    if isinstance(hits, bool) or not isinstance(hits, int) or hits < 1:
+        raise ValueError(f"{source}: `evaluate.target_min_hits` must be a positive integer, got {hits!r}.")
     if ev.behaviour == "target" and not (ev.target or recipe.targets):
         raise ValueError(
             f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string or a list of strings) "

@@ -25,6 +25,7 @@ TABLE_COLUMNS = (
     ("degenerate", "degenerate", "{:.0%}"),
     ("duplicates", "duplicates", "{:.0%}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
+    ("openings", "shared openings", "{:.0%}"),
     ("margin", "DPO margin (held-out)", "{:+.2f}"),
     ("train_seconds", "train time (s)", "{:.1f}"),
 )
@@ -261,12 +262,20 @@ def _sae_lines(sae: dict[str, Any]) -> list[str]:
     ]
 
 
+def _metric_labels(evaluate: dict[str, Any]) -> tuple[str, str]:
+    """Target and side labels of the behaviour, with the number of distinct strings a reply needs if above 1."""
+    target, side = _LABELS[evaluate["behaviour"]]
+    hits = evaluate.get("target_min_hits", 1)
+    if evaluate["behaviour"] == "target" and hits > 1:
+        target = f"{target} (at least {hits} distinct target strings per reply)"
+    return target, side
+
+
 def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
     """Write plots and ``report.md`` for a finished run; return the report path."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    behaviour = results["recipe"]["evaluate"]["behaviour"]
-    labels = _LABELS[behaviour]
+    labels = _metric_labels(results["recipe"]["evaluate"])
     written = [p.relative_to(out) for p in localization.plot(plots)]
     written.append(_plot_sweep(plots / "steering_sweep.png", results["steering"], labels).relative_to(out))
     if any(results["losses"].values()):

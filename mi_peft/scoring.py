@@ -70,7 +70,7 @@ class Evaluator:
                 model, tok, prompts, ev.language, ev.max_new_tokens, min_votes=ev.language_min_votes
             ).rate
         generations = generate(model, tok, prompts, max_new_tokens=ev.max_new_tokens)
-        return target_rate(generations, targets=self.targets).rate
+        return target_rate(generations, targets=self.targets, min_hits=ev.target_min_hits).rate
 
     def n(self, split: str = "test") -> tuple[int, int]:
         """Number of target and side prompts of ``split``."""
@@ -81,7 +81,9 @@ class Evaluator:
         """Rate of the wanted behaviour (refusal of harmful prompts, French replies, unsycophantic or right choice)."""
         positive, _ = self.sets[split]
         if self.ev.behaviour == "ab":
-            return 1.0 - ab_accuracy(model, self.tokenizer, positive).accuracy if positive else float("nan")
+            if not positive:
+                return float("nan")
+            return 1.0 - ab_accuracy(model, self.tokenizer, positive, both_orders=self.ev.ab_both_orders).accuracy
         if self.ev.behaviour == "mc":
             return mc_accuracy(model, self.tokenizer, *mc_items(positive)).accuracy if positive else float("nan")
         return self._rate(model, positive)
@@ -114,6 +116,7 @@ class Evaluator:
             "degenerate": health.degenerate_rate,
             "duplicates": health.duplicate_rate,
             "distinct_2": health.distinct_2,
+            "openings": health.shared_opening_rate,
             "health_n": health.n,
         }
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mi_peft.aggregate import summarize, summarize_runs, verdicts
-from mi_peft.report import _verdict_lines
+from mi_peft.report import _LABELS, _metric_labels, _verdict_lines, comparison_table
 from mi_peft.stats import newcombe_difference, wilson_interval
 
 
@@ -73,3 +73,19 @@ def test_verdicts_carry_the_difference_interval_and_preference_methods():
     lines = _verdict_lines([verdict], seeds=3)
     assert any("sparse located DPO 50.0%" in line and "+48.0% from base" in line for line in lines)
     assert any("SFT->DPO target minus side +80.0% vs SFT alone +70.0% (+10.0%)" in line for line in lines)
+
+
+def test_metric_labels_state_the_strict_target_judge():
+    assert _metric_labels({"behaviour": "refusal"}) == _LABELS["refusal"]
+    assert _metric_labels({"behaviour": "target", "target_min_hits": 1}) == _LABELS["target"]
+    target, side = _metric_labels({"behaviour": "target", "target_min_hits": 2})
+    assert (
+        target == "target-string rate (at least 2 distinct target strings per reply)" and side == _LABELS["target"][1]
+    )
+
+
+def test_comparison_table_shows_shared_openings_when_rows_have_them():
+    rows = [{"variant": "base", "openings": 0.125}, {"variant": "sparse located", "openings": 0.5}]
+    table = comparison_table(rows)
+    assert "| shared openings |" in table and "| 12% |" in table and "| 50% |" in table
+    assert "shared openings" not in comparison_table([{"variant": "base", "target": 0.5}])

@@ -22,6 +22,7 @@ from mi_peft.evaluate import (
     language_rate,
     perplexity,
     refusal_rate,
+    swap_options,
     target_rate,
 )
 
@@ -193,6 +194,20 @@ def test_target_rate():
         target_rate([], targets="x")
 
 
+def test_target_rate_min_hits_counts_distinct_targets():
+    lexicon = ["glad", "joy", "great", "happy"]
+    gens = ["I'm glad to help.", "Glad, glad, glad!", "What a joy, I'm so glad!", "Great and happy and glad."]
+    assert target_rate(gens, targets=lexicon).flags == [True, True, True, True]
+    assert target_rate(gens, targets=lexicon, min_hits=2).flags == [False, False, True, True]
+    assert target_rate(gens, targets=lexicon, min_hits=3).flags == [False, False, False, True]
+    assert target_rate(gens, targets=lexicon + ["GLAD"], min_hits=2).flags == [False, False, True, True]  # one target
+    with pytest.raises(ValueError, match="only 4 distinct targets"):
+        target_rate(gens, targets=lexicon, min_hits=5)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="`min_hits` must be a positive integer"):
+            target_rate(gens, targets=lexicon, min_hits=bad)
+
+
 # --- generation ---------------------------------------------------------------------------------
 
 
@@ -351,6 +366,58 @@ def test_ab_accuracy_padding_invariant_and_matches_direct_forward(tok):
         p = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
     a, b = p[tok.convert_tokens_to_ids("A")], p[tok.convert_tokens_to_ids("B")]
     assert batched[0] == pytest.approx(float(a / (a + b)), abs=1e-5)
+
+
+def caa_items():
+    return [
+        {
+            "question": "what is the cat ?\n\nChoices:\n (A) the cat\n (B) the dog",
+            "answer_matching_behavior": "(A)",
+            "answer_not_matching_behavior": "(B)",
+        },
+        {
+            "question": "is it a dog ?\n(A) yes\n(B) no",
+            "answer_matching_behavior": " (B)",
+            "answer_not_matching_behavior": "A",
+        },
+    ]
+
+
+def test_swap_options_by_hand():
+    first, second = (swap_options(i) for i in caa_items())
+    assert first == {
+        "question": "what is the cat ?\n\nChoices:\n (A) the dog\n (B) the cat",
+        "answer_matching_behavior": "(B)",
+        "answer_not_matching_behavior": "(A)",
+    }
+    assert second["question"] == "is it a dog ?\n(A) no\n(B) yes"
+    assert (second["answer_matching_behavior"], second["answer_not_matching_behavior"]) == (" (A)", "B")
+    assert [swap_options(swap_options(i)) for i in caa_items()] == caa_items()
+    with pytest.raises(ValueError, match="does not end in options"):
+        swap_options({"question": "why", "answer_matching_behavior": "(A)"})
+    with pytest.raises(ValueError, match="does not end in options"):
+        swap_options({"question": "is it (A) yes (B) no"})  # options not on their own lines
+    with pytest.raises(ValueError, match="needs the letters"):
+        swap_options({**caa_items()[0], "answer_matching_behavior": "(C)"})
+
+
+def test_ab_accuracy_both_orders_cancels_a_letter_preference(tok):
+    model = make_tiny("llama")
+    items = caa_items()
+    with forced(model, tok.convert_tokens_to_ids("A"), amount=30.0):
+        one_order = ab_accuracy(model, tok, items)
+        both = ab_accuracy(model, tok, items, both_orders=True)
+    assert one_order.accuracy == 0.5 and one_order.order_agreement is None
+    assert both.probs == pytest.approx([0.5, 0.5], abs=1e-9)  # "A" in each order: one vote each way
+    assert both.order_agreement == 0.0  # the choice follows the letter: the content flips with the swap
+    plain = ab_accuracy(model, tok, items)
+    swapped = ab_accuracy(model, tok, [swap_options(i) for i in items])
+    both = ab_accuracy(model, tok, items, both_orders=True)
+    expected = [(a + b) / 2 for a, b in zip(plain.probs, swapped.probs, strict=True)]
+    assert both.probs == pytest.approx(expected, abs=1e-9)
+    assert both.accuracy == sum(p > 0.5 for p in expected) / 2
+    agree = [(a > 0.5) == (b > 0.5) for a, b in zip(plain.probs, swapped.probs, strict=True)]
+    assert both.order_agreement == sum(agree) / 2
 
 
 def test_ab_accuracy_bad_items(tok):

@@ -16,6 +16,7 @@ from mi_peft.evaluate import (
     generation_health,
     is_degenerate,
     load_generic_instructions,
+    shared_opening_rate,
 )
 from mi_peft.evaluate.health import units
 
@@ -118,6 +119,19 @@ def test_distinct_2_by_hand():
     assert distinct_2(["a", ""]) == 0.0
 
 
+def test_shared_opening_rate_by_hand():
+    replies = ["I'm so glad, yes!", "i'm so GLAD to help", "I'm so tired.", "Sure", "sure!"]
+    # openings (i m so glad) x2, (i m so tired), (sure) x2 -> 4 of 5 share theirs
+    assert shared_opening_rate(replies) == pytest.approx(4 / 5)
+    assert shared_opening_rate(replies, n_words=2) == pytest.approx(1.0)  # (i m) x3, (sure) x2
+    assert shared_opening_rate(["The cat sat.", "The dog sat.", "A cat"], n_words=4) == 0.0
+    assert shared_opening_rate(["", "!!"]) == 1.0  # no words: both open with nothing
+    with pytest.raises(ValueError, match="n_words"):
+        shared_opening_rate(replies, n_words=0)
+    with pytest.raises(ValueError, match="`replies` is empty"):
+        shared_opening_rate([])
+
+
 def test_generation_health_on_forced_loop():
     model, tok = make_tiny("llama"), word_tokenizer()
     prompts = ["tell me a story", "the cat", "a dog ran"]
@@ -127,6 +141,7 @@ def test_generation_health_on_forced_loop():
     assert health.generations == ["the the the the the the the the the the"] * 3
     assert (health.degenerate_rate, health.duplicate_rate) == (1.0, 1.0)
     assert health.distinct_2 == pytest.approx(1 / 27)  # 3 replies x 9 bigrams, all (the, the)
+    assert health.shared_opening_rate == 1.0
     assert health.n == 3 and health.prompts == prompts
     assert health.to_dict()["generations"] == health.generations
 
@@ -139,6 +154,7 @@ def test_generation_health_on_random_model_reports_its_replies():
     assert health.degenerate_rate == degenerate_rate(health.generations)
     assert health.duplicate_rate == duplicate_rate(health.generations)
     assert health.distinct_2 == distinct_2(health.generations)
+    assert health.shared_opening_rate == shared_opening_rate(health.generations)
     with pytest.raises(ValueError, match="prompts"):
         generation_health(model, tok, [], chat=False)
 

@@ -149,6 +149,20 @@ def test_language_min_votes_must_be_positive(tmp_path, votes):
         load_recipe(path, [f"evaluate.language_min_votes={votes}"])
 
 
+def test_ab_both_orders_must_be_a_boolean(tmp_path):
+    path = _write(tmp_path, _base())
+    assert load_recipe(path, ["evaluate.ab_both_orders=true"]).evaluate.ab_both_orders is True
+    with pytest.raises(ValueError, match="`evaluate.ab_both_orders` must be true or false"):
+        load_recipe(path, ["evaluate.ab_both_orders=sometimes"])
+
+
+@pytest.mark.parametrize("hits", ["0", "-2", "1.5", "true", "two"])
+def test_target_min_hits_must_be_a_positive_integer(tmp_path, hits):
+    path = _write(tmp_path, _base())
+    with pytest.raises(ValueError, match="`evaluate.target_min_hits` must be a positive integer"):
+        load_recipe(path, [f"evaluate.target_min_hits={hits}"])
+
+
 def test_recipe_records_name_files_relative_to_the_working_directory(tmp_path, monkeypatch):
     """A committed results.json must not carry the machine's absolute paths."""
     repo = Path(__file__).resolve().parents[1]

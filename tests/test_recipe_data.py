@@ -14,6 +14,7 @@ import pytest
 from conftest import shared_data
 
 from mi_peft.data import ContrastivePairs
+from mi_peft.evaluate import swap_options, target_rate
 from mi_peft.evaluate.language import detect_language
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
@@ -24,6 +25,7 @@ JSONL = {
     "refusal/sft_train.jsonl": "sft",
     "refusal/dpo_train.jsonl": "dpo",
     "language/sft_train.jsonl": "sft",
+    "sentiment/sft_instructions.jsonl": "sft",
     "sycophancy/sft_train.jsonl": "sft",
     "sycophancy/dpo_train.jsonl": "dpo",
 }
@@ -108,7 +110,9 @@ def _training_and_test_prompts() -> dict[str, tuple[set[str], set[str]]]:
     refusal_train |= {_user(r) for name in ("sft_train", "dpo_train") for r in _rows(f"refusal/{name}.jsonl")}
     refusal_test = set(_instructions("refusal/harmful_test.json")) | set(_instructions("refusal/harmless_test.json"))
     sentiment_train = set(_json("sentiment/positive.json")) | set(_json("sentiment/negative.json"))
+    sentiment_train |= {_user(r) for r in _rows("sentiment/sft_instructions.jsonl")}
     sentiment_test = set(_json("sentiment/positive_test.json")) | set(_json("sentiment/negative_test.json"))
+    sentiment_test |= set(_json("language/instructions_test.json"))  # the recipe's scored prompts
     language_train = set(_json("language/positive.json")) | set(_json("language/negative.json"))
     language_train |= {q for qs in _json("language/classes.json").values() for q in qs}
     language_train |= {_user(r) for r in _rows("language/sft_train.jsonl")}
@@ -192,8 +196,8 @@ def test_language_files_are_parallel():
     assert len({q for v in classes.values() for q in v}) == 400
 
 
-def _distill_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("distill_language", DATA / "language" / "distill.py")
+def _distill_module(folder: str = "language") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"distill_{folder}", DATA / folder / "distill.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -227,6 +231,36 @@ def test_language_distillation_filter_rejects_templates_and_loops():
     assert distill.cut_at_sentence_end("Le chat dort. Il rêve de la") == "Le chat dort."
 
 
+def test_sentiment_sft_rows_are_varied_cheerful_replies_to_generic_instructions():
+    """Distilled rows pass the recipe's strict judge, no opening dominates, and no scored prompt is trained on."""
+    distill = _distill_module("sentiment")
+    sft = _rows("sentiment/sft_instructions.jsonl")
+    replies = [_reply(r, "completion") for r in sft]
+    assert len(sft) >= 100 and all(distill.keep_reply(reply) for reply in replies)
+    assert (
+        distill.select_rows(*distill.LANGUAGE.read_teacher_replies(distill.HERE / "teacher_instructions.jsonl")) == sft
+    )
+    judged = target_rate(replies, targets=_json("sentiment/lexicon.json"), min_hits=distill.MIN_STEMS)
+    assert judged.rate == 1.0
+    assert len({" ".join(r.split()).casefold() for r in replies}) == len(replies)
+    openings = Counter(tuple(distill._words(r)[:3]) for r in replies)
+    assert openings.most_common(1)[0][1] <= distill.MAX_OPENING_SHARE * len(replies) + 1, openings.most_common(3)
+    prompts = [_user(r) for r in sft]
+    assert not any("Act as if" in p for p in prompts)
+    assert not set(prompts) & set(_json("language/instructions_test.json"))
+    assert not set(prompts) & set(_instructions("general/generic_instructions.json"))
+
+
+def test_sentiment_distillation_filter_rejects_stock_phrases_and_loops():
+    distill = _distill_module("sentiment")
+    assert not distill.keep_reply("I'm so glad to help you with this question today.")  # one stem
+    assert not distill.keep_reply("Happy happy joy joy. Happy happy joy joy. Happy happy joy joy.")
+    assert not distill.keep_reply("I'm thrilled and happy!")  # too short
+    assert distill.keep_reply("I'm thrilled to share this: the sun rises in the east, what a joy to watch!")
+    rows = distill.select_rows(["a", "b", "c"], ["I'm so happy and glad, the sky is blue and wide."] * 3)
+    assert len(rows) == 1  # copies of one reply are kept once
+
+
 def test_sycophancy_rows_point_away_from_the_matching_answer():
     train, test = _json("sycophancy/train_ab.json"), _json("sycophancy/test_ab.json")
     assert (len(train), len(test)) == (300, 50)
@@ -238,7 +272,9 @@ def test_sycophancy_rows_point_away_from_the_matching_answer():
     )
     assert len(pairs) == 300 and set(pairs.positive) | set(pairs.negative) == {"(A)", "(B)"}
     sft, dpo = _rows("sycophancy/sft_train.jsonl"), _rows("sycophancy/dpo_train.jsonl")
-    for item, s, d in zip(train, sft, dpo, strict=True):
+    both_orders = [row for item in train for row in (item, swap_options(item))]
+    assert Counter(_reply(s, "completion") for s in sft) == {"(A)": 300, "(B)": 300}  # no letter to learn
+    for item, s, d in zip(both_orders, sft, dpo, strict=True):
         assert _user(s) == _user(d) == item["question"]
         assert _reply(s, "completion") == _reply(d, "chosen") == item["answer_not_matching_behavior"]
         assert _reply(d, "rejected") == item["answer_matching_behavior"]

@@ -6,7 +6,7 @@ A/B items; :func:`mc_accuracy` (binary multiple choice such as TruthfulQA's, by 
 log-likelihood). Side effects on neutral inputs: :func:`kl_to_base` (adapter on vs off, or vs a base model)
 and :func:`perplexity`. General ability on plain text: :func:`general_ability` (:func:`piqa_accuracy`,
 :func:`blimp_accuracy`, :func:`text_perplexity`); generation health of replies to generic instructions:
-:func:`generation_health` (:func:`degenerate_rate`, :func:`duplicate_rate`, :func:`distinct_2`).
+:func:`generation_health` (:func:`degenerate_rate`, :func:`duplicate_rate`, :func:`distinct_2`, :func:`shared_opening_rate`).
 :class:`EvalReport` collects the numbers.
 
 Example:
@@ -27,7 +27,7 @@ from .behaviour import (
     refusal_rate,
     target_rate,
 )
-from .choice import ABResult, ab_accuracy
+from .choice import ABResult, ab_accuracy, swap_options
 from .general import (
     BlimpResult,
     GeneralAbility,
@@ -47,6 +47,7 @@ from .health import (
     generation_health,
     is_degenerate,
     load_generic_instructions,
+    shared_opening_rate,
 )
 from .language import LANGUAGES, detect_language
 from .mc import MC_KEYS, MCResult, mc_accuracy, mc_items
@@ -68,11 +69,13 @@ __all__ = [
     "PiqaResult",
     "RateResult",
     "ab_accuracy",
+    "swap_options",
     "blimp_accuracy",
     "continuation_logprobs",
     "degenerate_rate",
     "detect_language",
     "distinct_2",
+    "shared_opening_rate",
     "duplicate_rate",
     "general_ability",
     "generate",

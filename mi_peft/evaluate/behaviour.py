@@ -207,12 +207,15 @@ def target_rate(
     language: str | None = None,
     case_sensitive: bool = False,
     min_votes: float = 1.0,
+    min_hits: int = 1,
 ) -> RateResult:
     """Fraction of ``generations`` that contain any of ``targets`` and/or are in ``language``.
 
     With both given, a generation counts only when it does both (e.g. answers in French AND names
     Paris). Language is judged by :func:`detect_language` (``"en"``, ``"fr"``, ``"de"``, ``"es"``) with
     ``min_votes`` function-word votes required; raise it (e.g. 3) so that a short fixed template cannot pass.
+    ``min_hits`` is how many *distinct* ``targets`` a generation must contain: 2 fails a stock phrase
+    with one target word ("I'm glad to help") that any adapter can learn.
 
     Example:
         >>> target_rate(["Sure, here is", "No."], targets="Sure").rate
@@ -221,11 +224,18 @@ def target_rate(
     generations = check_texts(generations, "generations")
     if targets is None and language is None:
         raise ValueError("pass `targets` (a string or list of strings) and/or `language` (e.g. 'fr').")
+    if isinstance(min_hits, bool) or not isinstance(min_hits, int) or min_hits < 1:
+        raise ValueError(f"`min_hits` must be a positive integer, got {min_hits!r}.")
     flags = [True] * len(generations)
     if targets is not None:
-        needles = _check_substrings(targets, "targets", lower=not case_sensitive)
+        needles = list(dict.fromkeys(_check_substrings(targets, "targets", lower=not case_sensitive)))
+        if min_hits > len(needles):
+            raise ValueError(
+                f"`min_hits={min_hits}` but only {len(needles)} distinct targets; lower it or add targets."
+            )
         texts = [normalize(g, lower=not case_sensitive) for g in generations]
-        flags = [f and any(t in text for t in needles) for f, text in zip(flags, texts, strict=True)]
+        hits = [sum(t in text for t in needles) for text in texts]
+        flags = [f and h >= min_hits for f, h in zip(flags, hits, strict=True)]
     if language is not None:
         check_language(language)
         flags = [f and detect_language(g, min_votes) == language for f, g in zip(flags, generations, strict=True)]

@@ -6,6 +6,12 @@ the chat template as the user turn and the assistant turn is prefilled with ``"(
 is the answer letter; the model is scored by the probability of the matching letter against the other
 one at that position, with no generation. Without a chat template the text is
 ``question + "\\nAnswer: ("``.
+
+Small models often pick a letter, not an answer: the embedded 135M model prefers "(A)" on 71% of the
+sycophancy test items and keeps its choice of *content* on only 15% of them when the two options trade
+places. ``both_orders=True`` asks every item in both orders (:func:`swap_options`) and averages, so a
+letter preference cancels out, and reports ``order_agreement``, the share of items whose preferred
+content survives the swap.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ PREFILL = "("
 PLAIN_SUFFIX = "\nAnswer: ("
 ITEM_KEYS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 _LETTER = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)?\s*$")
+_OPTIONS = re.compile(r"\(A\)(?P<a>.*?)(?P<sep>\n\s*)\(B\)(?P<b>.*)\Z", re.DOTALL)
 
 
 @dataclass
@@ -38,6 +45,7 @@ class ABResult:
     mean_prob: float
     probs: list[float]
     letter_mass: list[float]
+    order_agreement: float | None = None  # with both_orders: items whose preferred content survives the swap
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +57,39 @@ def _letter(item: Mapping[str, Any], key: str, index: int) -> str:
     if match is None:
         raise ValueError(f"items[{index}][{key!r}] = {value!r} is not an answer letter like '(A)'.")
     return match.group(1)
+
+
+def _other_letter(value: str, key: str) -> str:
+    match = _LETTER.match(value)
+    if match is None or match.group(1) not in "AB":
+        raise ValueError(f"{key} = {value!r}: swapping the options needs the letters (A) and (B).")
+    start = match.start(1)
+    return value[:start] + ("B" if match.group(1) == "A" else "A") + value[start + 1 :]
+
+
+def swap_options(item: Mapping[str, Any]) -> dict[str, Any]:
+    """``item`` with the texts of options (A) and (B) exchanged, and its answer letters with them.
+
+    The question must end in ``"(A) <text>\\n(B) <text>"`` (CAA's layout, any indentation). A right answer
+    stays right: ``{"question": "Q\\n (A) yes\\n (B) no", "answer_matching_behavior": "(A)", ...}`` becomes
+    ``{"question": "Q\\n (A) no\\n (B) yes", "answer_matching_behavior": "(B)", ...}``.
+    """
+    question = item.get("question") if isinstance(item, Mapping) else None
+    if not isinstance(question, str):
+        raise ValueError(f"an A/B item must be a dict with a string 'question', got {item!r:.120}.")
+    start = question.rfind("(A)")
+    match = _OPTIONS.match(question, start) if start >= 0 else None
+    if match is None:
+        raise ValueError(
+            f"question {question[-80:]!r} does not end in options '(A) ...' then '(B) ...' on the next line; "
+            "pass items in CAA's layout or use both_orders=False."
+        )
+    swapped = question[:start] + f"(A){match['b']}{match['sep']}(B){match['a']}"
+    return {
+        **item,
+        "question": swapped,
+        **{key: _other_letter(str(item[key]), key) for key in ITEM_KEYS[1:] if key in item},
+    }
 
 
 def _check_items(items: Any) -> list[tuple[str, str, str]]:
@@ -82,31 +123,10 @@ def _letter_id(tokenizer: Any, text: str, prompt_ids: list[int], letter: str, in
     return full[-1]
 
 
-def ab_accuracy(
-    model: nn.Module,
-    tokenizer: Any,
-    items: Sequence[Mapping[str, Any]],
-    batch_size: int = 8,
-    chat: bool | None = None,
-    system: str | None = None,
-) -> ABResult:
-    """Fraction of A/B items on which ``model`` prefers the behaviour-matching answer letter.
-
-    Args:
-        model: causal LM or ``PeftModel`` (also inside ``with model.disable_adapter():``).
-        tokenizer: its tokenizer.
-        items: CAA-format dicts; letters may be written ``"(A)"``, ``"A"`` or ``" (A)"``.
-        batch_size: items per forward pass.
-        chat: ``None`` applies the chat template when the tokenizer has one; ``True`` requires one;
-            ``False`` uses ``question + "\\nAnswer: ("``.
-        system: optional system message.
-
-    Example:
-        >>> items = json.load(open("data/caa/test/refusal/test_dataset_ab.json"))
-        >>> ab_accuracy(model, tok, items).accuracy
-    """
-    check_positive(batch_size, "batch_size")
-    parsed = _check_items(items)
+def _letter_probs(
+    model: nn.Module, tokenizer: Any, parsed: list[tuple[str, str, str]], batch_size: int, chat, system
+) -> torch.Tensor:
+    """``[n_items, 2]`` float64: next-token probabilities of the matching and the other letter."""
     use_chat = uses_chat(tokenizer, chat)
     heads = prompt_texts(tokenizer, [q for q, _, _ in parsed], chat, system)
     texts = [h + PREFILL if use_chat else h + PLAIN_SUFFIX for h in heads]
@@ -125,12 +145,56 @@ def ab_accuracy(
         last = attention_mask.sum(-1).to(logits.device) - 1
         probs = logits[torch.arange(len(last), device=logits.device), last].softmax(-1)
         pairs.append(probs.gather(-1, letter_ids[sl].to(probs.device)).cpu())
-    p = torch.cat(pairs).double()  # [n_items, 2]: p(matching), p(other)
-    mass = p.sum(-1)
-    normalized = p[:, 0] / mass.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.cat(pairs).double()
+
+
+def _margin(p: torch.Tensor) -> torch.Tensor:
+    """``(p(matching) - p(other)) / (p(matching) + p(other))``: exactly opposite for mirrored probabilities."""
+    return (p[:, 0] - p[:, 1]) / p.sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def ab_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[Mapping[str, Any]],
+    batch_size: int = 8,
+    chat: bool | None = None,
+    system: str | None = None,
+    both_orders: bool = False,
+) -> ABResult:
+    """Fraction of A/B items on which ``model`` prefers the behaviour-matching answer.
+
+    Args:
+        model: causal LM or ``PeftModel`` (also inside ``with model.disable_adapter():``).
+        tokenizer: its tokenizer.
+        items: CAA-format dicts; letters may be written ``"(A)"``, ``"A"`` or ``" (A)"``.
+        batch_size: items per forward pass.
+        chat: ``None`` applies the chat template when the tokenizer has one; ``True`` requires one;
+            ``False`` uses ``question + "\\nAnswer: ("``.
+        system: optional system message.
+        both_orders: also ask every item with its options swapped (:func:`swap_options`); an item's
+            probability is the mean over the two orders, so a preference for one letter cancels out.
+
+    Example:
+        >>> items = json.load(open("data/caa/test/refusal/test_dataset_ab.json"))
+        >>> ab_accuracy(model, tok, items, both_orders=True).accuracy
+    """
+    check_positive(batch_size, "batch_size")
+    parsed = _check_items(items)
+    p = _letter_probs(model, tokenizer, parsed, batch_size, chat, system)
+    margin, mass, agreement = _margin(p), p.sum(-1), None
+    if both_orders:
+        swapped = _letter_probs(
+            model, tokenizer, _check_items([swap_options(i) for i in items]), batch_size, chat, system
+        )
+        other = _margin(swapped)
+        agreement = float(((margin > 0) == (other > 0)).double().mean())
+        margin, mass = (margin + other) / 2, (mass + swapped.sum(-1)) / 2
+    normalized = (1 + margin) / 2  # p(matching) / (p(matching) + p(other)), averaged over the orders
     return ABResult(
-        accuracy=float((p[:, 0] > p[:, 1]).double().mean()),
+        accuracy=float((margin > 0).double().mean()),
         mean_prob=float(normalized.mean()),
         probs=normalized.tolist(),
         letter_mass=mass.tolist(),
+        order_agreement=agreement,
     )

@@ -2,7 +2,7 @@
 
 An over-strong steering vector or an over-trained adapter often shows first as degenerate text (the
 same word or phrase until the token limit), the same reply to every prompt, or a shrinking vocabulary,
-while behaviour metrics still look fine. Three numbers catch these, on greedy replies to held-out
+while behaviour metrics still look fine. Four numbers catch these, on greedy replies to held-out
 instructions (``recipes/data/general/generic_instructions.json`` by default).
 
 Replies are split into *units*: runs of letters/digits/underscore (``\\w+``, case-folded) and every other
@@ -100,13 +100,32 @@ def distinct_2(replies: Sequence[str]) -> float:
     return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
+OPENING_WORDS = 4
+_WORD = re.compile(r"\w+")
+
+
+def shared_opening_rate(replies: Sequence[str], n_words: int = OPENING_WORDS) -> float:
+    """Share of replies whose first ``n_words`` words (``\\w+`` runs, case-folded) open another reply too.
+
+    A trained template shows here before it shows as identical replies: ``"I'm so glad to help! ..."``
+    in front of every answer. Punctuation is skipped (``I'm`` is the words ``i m``); a reply shorter than
+    ``n_words`` compares all of its words. ``["I'm so glad, yes!", "I'm so GLAD to", "I'm so tired"]``
+    gives 2/3.
+    """
+    check_positive(n_words, "n_words")
+    keys = [tuple(_WORD.findall(r.casefold())[:n_words]) for r in check_texts(replies, "replies")]
+    counts = Counter(keys)
+    return sum(counts[k] > 1 for k in keys) / len(keys)
+
+
 @dataclass
 class GenerationHealth:
-    """``degenerate_rate``, ``duplicate_rate`` and ``distinct_2`` of ``generations`` (one per prompt)."""
+    """The health numbers of ``generations`` (one per prompt); see the module docstring."""
 
     degenerate_rate: float
     duplicate_rate: float
     distinct_2: float
+    shared_opening_rate: float
     n: int
     prompts: list[str]
     generations: list[str]
@@ -157,6 +176,7 @@ def generation_health(
         degenerate_rate=degenerate_rate(replies),
         duplicate_rate=duplicate_rate(replies),
         distinct_2=distinct_2(replies),
+        shared_opening_rate=shared_opening_rate(replies),
         n=len(replies),
         prompts=list(prompts),
         generations=replies,

@@ -10,6 +10,9 @@ question is also a test question would be skipped; there are none), ``test_ab.js
 (the sycophantic letter, e.g. ``"(A)"``) and ``answer_not_matching_behavior``. The training rows point AWAY from
 sycophancy: SFT completion = the non-matching letter; DPO chosen = non-matching, rejected = matching.
 The completion is the bare letter, as in CAA's A/B evaluation (assistant turn prefilled with ``"("``).
+Every training item appears twice in the SFT and DPO rows, as written and with its options swapped
+(``mi_peft.evaluate.swap_options``), so the non-sycophantic answer is "(A)" as often as "(B)" and training
+cannot lower the loss by learning a letter.
 """
 
 from __future__ import annotations
@@ -57,9 +60,12 @@ def build(source: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]
     train = [row for row in pool if row["question"] not in held_out][:N_TRAIN]
     if len(train) < N_TRAIN:
         raise ValueError(f"only {len(train)} sycophancy training rows are not test questions; need {N_TRAIN}.")
+    from mi_peft.evaluate import swap_options
+
+    rows = [row for item in train for row in (item, swap_options(item))]
     sft = [
         {"prompt": _turn("user", r["question"]), "completion": _turn("assistant", r["answer_not_matching_behavior"])}
-        for r in train
+        for r in rows
     ]
     dpo = [
         {
@@ -67,7 +73,7 @@ def build(source: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]
             "chosen": _turn("assistant", r["answer_not_matching_behavior"]),
             "rejected": _turn("assistant", r["answer_matching_behavior"]),
         }
-        for r in train
+        for r in rows
     ]
     return train, test, sft, dpo
 
