@@ -49,6 +49,8 @@ class Evaluator:
         if ev.behaviour in _ROW_BEHAVIOURS:
             rows = read_rows(recipe.test_positive)
             self.sets = {"test": (rows[:n], []), "val": (rows[n : n + v], [])}
+            if ev.behaviour == "mc":  # parsed once here, not once per scored variant
+                self.mc = {split: mc_items(pos) for split, (pos, _) in self.sets.items() if pos}
         else:
             pos = read_texts(recipe.test_positive)
             neg = read_texts(recipe.test_negative) if recipe.test_negative is not None else []
@@ -85,7 +87,7 @@ class Evaluator:
                 return float("nan")
             return 1.0 - ab_accuracy(model, self.tokenizer, positive, both_orders=self.ev.ab_both_orders).accuracy
         if self.ev.behaviour == "mc":
-            return mc_accuracy(model, self.tokenizer, *mc_items(positive)).accuracy if positive else float("nan")
+            return mc_accuracy(model, self.tokenizer, *self.mc[split]).accuracy if positive else float("nan")
         return self._rate(model, positive)
 
     def side(self, model, split: str = "test") -> float:

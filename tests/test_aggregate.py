@@ -34,6 +34,15 @@ def test_summarize_pools_seeds():
     assert out["kl_to_base"] == pytest.approx(0.1) and out["kl_to_base_std"] == pytest.approx(0.1)
 
 
+def test_a_column_some_seeds_lack_is_left_out_not_averaged_over_the_rest():
+    old = [_row("located", 0, 0.8, 0.1), _row("located", 1, 0.9, 0.2)]  # scored before "openings" existed
+    new = {**_row("located", 2, 1.0, 0.0), "openings": 0.25}
+    assert "openings" not in summarize([*old, new]) and "openings" not in summarize([new, *old])
+    assert summarize([new, {**new, "openings": 0.75}])["openings"] == pytest.approx(0.5)
+    nan_row = {**new, "openings": float("nan")}  # a measured NaN is skipped as before
+    assert summarize([new, nan_row])["openings"] == pytest.approx(0.25)
+
+
 def test_single_seed_has_no_spread():
     out = summarize([_row("located", 0, 0.5, 0.5)])
     assert math.isnan(out["target_std"]) and (out["target_low"], out["target_high"]) == wilson_interval(25, 50)

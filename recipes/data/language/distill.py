@@ -120,8 +120,13 @@ def select_rows(instructions: list[str], replies: list[str]) -> list[dict]:
     return rows
 
 
-def teacher_replies(instructions: list[str], model_name: str | None) -> list[str]:
-    """Greedy replies of the model to ``instructions`` under the French system prompt."""
+def teacher_replies(
+    prompts: list[str],
+    model_name: str | None,
+    system: str | None = TEACHER_SYSTEM,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[str]:
+    """Greedy replies of the model to ``prompts`` under ``system`` (default: the French system prompt)."""
     from tqdm.auto import tqdm
 
     from mi_peft.evaluate import generate
@@ -130,9 +135,9 @@ def teacher_replies(instructions: list[str], model_name: str | None) -> list[str
     model, tokenizer = load_model(model_name)
     replies: list[str] = []
     chunk = 36
-    for start in tqdm(range(0, len(instructions), chunk), desc="teacher replies", unit="batch"):
-        batch = instructions[start : start + chunk]
-        replies += generate(model, tokenizer, batch, MAX_NEW_TOKENS, batch_size=chunk, system=TEACHER_SYSTEM)
+    for start in tqdm(range(0, len(prompts), chunk), desc="teacher replies", unit="batch"):
+        batch = prompts[start : start + chunk]
+        replies += generate(model, tokenizer, batch, max_new_tokens, batch_size=chunk, system=system)
     return replies
 
 

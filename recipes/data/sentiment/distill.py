@@ -106,22 +106,6 @@ def select_rows(instructions: list[str], replies: list[str]) -> list[dict]:
     return rows
 
 
-def teacher_replies(instructions: list[str], model_name: str | None) -> list[str]:
-    """Greedy replies of the model to ``instructions`` behind the happy persona sentence."""
-    from tqdm.auto import tqdm
-
-    from mi_peft.evaluate import generate
-    from mi_peft.models import load_model
-
-    model, tokenizer = load_model(model_name)
-    prompts = [PERSONA.format(instruction=i) for i in instructions]
-    replies: list[str] = []
-    chunk = 36
-    for start in tqdm(range(0, len(prompts), chunk), desc="teacher replies", unit="batch"):
-        replies += generate(model, tokenizer, prompts[start : start + chunk], MAX_NEW_TOKENS, batch_size=chunk)
-    return replies
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF id or local path (default: the embedded model)")
@@ -133,7 +117,8 @@ def main() -> None:
     else:
         instructions = LANGUAGE.read_teacher_replies()[0][:N_INSTRUCTIONS]
         done = LANGUAGE.read_teacher_replies(raw_path)[1] if raw_path.is_file() else []  # a longer list resumes
-        replies = done[: len(instructions)] + teacher_replies(instructions[len(done) :], args.model)
+        prompts = [PERSONA.format(instruction=i) for i in instructions[len(done) :]]
+        replies = done[: len(instructions)] + LANGUAGE.teacher_replies(prompts, args.model, None, MAX_NEW_TOKENS)
         LANGUAGE._write_jsonl(
             raw_path, [{"instruction": i, "reply": r} for i, r in zip(instructions, replies, strict=True)]
         )
