@@ -35,7 +35,7 @@ demo: $(STAMP)
 # held-out prompts) at two budgets, with side effects. About 50 minutes per seed on 2 CPU cores (plus
 # 10 for locate and steer); stop it at any time and run it again: --resume reads back every variant it
 # finished, so `make evidence SEEDS=2` after a 3-seed run (or the reverse) trains only what is missing.
-# docs/results/refusal-evidence was made by `make evidence SEEDS=2`. A wider sweep:
+# docs/results/refusal-evidence was made by `make evidence` (3 seeds). A wider sweep:
 # make evidence BUDGETS=0.0001,0.0003,0.0013,0.005 (about twice as long).
 BUDGETS ?= 0.0003,0.0013
 SEEDS ?= 3
