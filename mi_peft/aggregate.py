@@ -50,7 +50,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out = dict(rows[0])
     for key in AVERAGED:
         values = [r[key] for r in rows if key in r and not is_missing(r[key])]
-        if values and len(values) < len(rows) and any(key not in r for r in rows):
+        if values and any(key not in r for r in rows):
             out.pop(key, None)  # rows scored before this column existed: a mean over some seeds would mislead
         elif values:
             out[key], out[f"{key}_std"] = mean_std([float(v) for v in values])

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ._batching import check_texts
+from ._batching import check_positive, check_texts
 from .generation import generate
 from .language import check_language, detect_language
 
@@ -224,8 +224,7 @@ def target_rate(
     generations = check_texts(generations, "generations")
     if targets is None and language is None:
         raise ValueError("pass `targets` (a string or list of strings) and/or `language` (e.g. 'fr').")
-    if isinstance(min_hits, bool) or not isinstance(min_hits, int) or min_hits < 1:
-        raise ValueError(f"`min_hits` must be a positive integer, got {min_hits!r}.")
+    check_positive(min_hits, "min_hits")
     flags = [True] * len(generations)
     if targets is not None:
         needles = list(dict.fromkeys(_check_substrings(targets, "targets", lower=not case_sensitive)))

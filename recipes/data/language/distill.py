@@ -82,6 +82,17 @@ def candidate_instructions(source: Path, data_dir: Path) -> list[str]:
     return kept[: N_TEST + N_CANDIDATES]
 
 
+def words(text: str) -> list[str]:
+    """Case-folded words of ``text`` (punctuation other than apostrophes dropped)."""
+    return _key(re.sub(r"[^\w\s']", " ", text)).split()
+
+
+def says_a_phrase_twice(found: list[str], n: int = REPEATED_NGRAM) -> bool:
+    """Whether some ``n`` consecutive words occur twice: a looping reply, not an answer."""
+    ngrams = [tuple(found[i : i + n]) for i in range(len(found) - n + 1)]
+    return len(ngrams) != len(set(ngrams))
+
+
 def cut_at_sentence_end(reply: str) -> str:
     """The reply up to its last full sentence (a reply cut by the token limit loses its broken tail)."""
     ends = [m.end() for m in _SENTENCE_END.finditer(reply)]
@@ -93,13 +104,12 @@ def keep_reply(reply: str) -> bool:
     from mi_peft.evaluate.health import is_degenerate
     from mi_peft.evaluate.language import detect_language
 
-    words = _key(re.sub(r"[^\w\s']", " ", reply)).split()
-    ngrams = [tuple(words[i : i + REPEATED_NGRAM]) for i in range(len(words) - REPEATED_NGRAM + 1)]
+    found = words(reply)
     return (
-        len(words) >= MIN_WORDS
+        len(found) >= MIN_WORDS
         and detect_language(reply, min_votes=MIN_FRENCH_VOTES) == "fr"
         and not is_degenerate(reply)
-        and len(ngrams) == len(set(ngrams))
+        and not says_a_phrase_twice(found)
         and not any(echo in _key(reply) for echo in SYSTEM_ECHOES)
     )
 

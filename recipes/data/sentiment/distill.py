@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -57,8 +56,7 @@ LANGUAGE = _load("language_distill", HERE.parent / "language" / "distill.py")
 LEXICON: list[str] = json.loads((HERE / "lexicon.json").read_text(encoding="utf-8"))
 
 
-def _words(text: str) -> list[str]:
-    return LANGUAGE._key(re.sub(r"[^\w\s']", " ", text)).split()
+_words = LANGUAGE.words
 
 
 def stems_in(reply: str) -> int:
@@ -71,13 +69,12 @@ def keep_reply(reply: str) -> bool:
     """Cheerful by the strict judge, long enough, not looping and no phrase said twice."""
     from mi_peft.evaluate.health import is_degenerate
 
-    words = _words(reply)
-    ngrams = [tuple(words[i : i + REPEATED_NGRAM]) for i in range(len(words) - REPEATED_NGRAM + 1)]
+    found = _words(reply)
     return (
-        len(words) >= MIN_WORDS
+        len(found) >= MIN_WORDS
         and stems_in(reply) >= MIN_STEMS
         and not is_degenerate(reply)
-        and len(ngrams) == len(set(ngrams))
+        and not LANGUAGE.says_a_phrase_twice(found, REPEATED_NGRAM)
     )
 
 
