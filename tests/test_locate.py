@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -60,7 +61,8 @@ def twin_model(model_type: str = "llama"):
 def plant(model, kind: str) -> list:
     """Add a fixed delta to one head (or neuron) at marker tokens: the ONLY difference between the two sides.
 
-    The delta points along the metric's gradient at that component, so that it also moves the metric.
+    The delta points along the metric's gradient at that component, so that it also moves the metric. A
+    neuron's gate is also shut at the marker, so that it fires on one side only (what LAPE counts).
     """
     spec, tok = spec_for(model), tiny_tokenizer()
     batch = next(make_pairs().batches(tok, batch_size=12))[1]
@@ -81,8 +83,16 @@ def plant(model, kind: str) -> list:
         marker = (state["ids"] == X).to(args[0].dtype)[..., None]
         return (args[0] + marker * delta,)
 
+    def close_gate(_module, _args, output):  # LAPE counts firing at the gate: shut it at the marker
+        shut = torch.zeros(output.shape[-1])
+        shut[INDEX] = 20.0
+        return output - (state["ids"] == X).to(output.dtype)[..., None] * shut
+
     site = spec.attn_out_module(model, LAYER) if kind == "heads" else spec.mlp_out_module(model, LAYER)
-    return [model.register_forward_pre_hook(grab_ids, with_kwargs=True), site.register_forward_pre_hook(add_delta)]
+    handles = [model.register_forward_pre_hook(grab_ids, with_kwargs=True), site.register_forward_pre_hook(add_delta)]
+    if kind == "neurons":
+        handles.append(spec.layer_module(model, LAYER, spec.mlp_in[0]).register_forward_hook(close_gate))
+    return handles
 
 
 @pytest.fixture(scope="module", params=["heads", "neurons"])
@@ -213,6 +223,41 @@ def test_lape_accepts_several_classes():
     for kind in ("neurons", "heads"):
         assert ((result.scores[kind] >= 0) & (result.scores[kind] <= 1)).all()
     assert result.scores["neurons"].max() > 0
+
+
+def _gate_by_hand(model, ids: torch.Tensor) -> torch.Tensor:
+    """``[L, T, n_neurons]`` activation-function inputs, from each MLP input projection's input and weights."""
+    spec, inputs = spec_for(model), []
+    modules = [spec.layer_module(model, layer, spec.mlp_in[0]) for layer in range(spec.n_layers)]
+    handles = [m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0][0])) for m in modules]
+    with torch.no_grad():
+        model(input_ids=ids[None])
+    for h in handles:
+        h.remove()
+    gates = []
+    for m, x in zip(modules, inputs, strict=True):
+        weight = m.weight if spec.conv1d else m.weight.T  # [d_model, out]
+        out = x @ weight + (m.bias if m.bias is not None else 0)
+        gates.append(out[:, : spec.n_neurons])
+    return torch.stack(gates)
+
+
+def test_lape_counts_a_neuron_as_firing_where_its_gate_is_positive(tiny_model):
+    """LAPE's p_c is the share of class-c tokens with act(gate) > 0, not the sign of the gated value."""
+    tok, rng = tiny_tokenizer(), random.Random(5)
+    classes = {
+        c: [" ".join(f"w{rng.randrange(10, 90)}" for _ in range(rng.randrange(3, 7))) for _ in range(5)] for c in "ab"
+    }
+    result = locate(tiny_model, tok, classes, method="lape", components=("neurons",), positions="all", min_prob=0.0)
+    p = []
+    for prompts in classes.values():
+        fired = [(_gate_by_hand(tiny_model, tok(t, return_tensors="pt")["input_ids"][0]) > 0).double() for t in prompts]
+        p.append(torch.cat(fired, 1).mean(1).flatten())  # [L * n_neurons], over every token of the class
+    p = torch.stack(p)
+    q = p / p.sum(0).clamp_min(1e-12)
+    expected = (1 + (q * q.clamp_min(1e-12).log()).sum(0) / math.log(2)).clamp_min(0) * torch.sign(p[0] - p[1])
+    assert torch.allclose(result.scores["neurons"].flatten().double(), expected, atol=1e-5)
+    assert (expected != 0).any()
 
 
 def _no_hooks(model) -> bool:

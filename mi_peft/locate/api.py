@@ -35,7 +35,7 @@ from .sae_kind import KIND as SAE_KIND
 METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str, ...]]] = {
     "mean_diff": (magnitude.mean_diff, False, ("last", "all", "mean")),
     "activation_stats": (magnitude.activation_stats, False, ("last", "all", "mean")),
-    "lape": (magnitude.lape_pairs, False, ("last", "all", "mean")),
+    "lape": (magnitude.lape_pairs, False, ("last", "all")),
     "grad_x_act": (gradient.grad_x_act, True, ("last", "all")),
     "attribution_patching": (gradient.attribution_patching, True, ("last", "all")),
     "activation_patching": (causal.activation_patching, True, ("last", "all")),

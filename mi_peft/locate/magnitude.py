@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import capture
 from ..arch import ArchSpec, spec_for
+from ..capture_sites import hooked
 
 Batch = Mapping[str, Tensor]
 PairBatches = Sequence[tuple[Batch, Batch]]
@@ -157,6 +158,29 @@ def collect(
     return acts, weight, out
 
 
+def gate_open(model: nn.Module, batch: Batch, positions: Positions) -> tuple[Tensor, Tensor]:
+    """Whether each neuron's activation-function input is > 0: ``[B, k, C]`` (0/1 float) and token weights ``[B, k]``.
+
+    This is LAPE's firing test. A gated neuron's value ``act(gate) * up`` takes the sign of ``up``, so
+    "value > 0" is not "firing"; the neuron fires where ``act(gate) > 0``, i.e. ``gate > 0`` for SiLU and
+    GELU. The gate is the first ``n_neurons`` outputs of the architecture map's first MLP input projection
+    (the fused gate/up module's first half; the only input projection of an ungated MLP).
+    """
+    spec = spec_for(model)
+    mask = batch["attention_mask"]
+    where = position_index(positions, mask)
+    rows: list[Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Tensor) -> None:
+        gate = output[..., : spec.n_neurons]
+        rows.append(torch.gather(gate, 1, where[..., None].expand(-1, -1, gate.shape[-1])) > 0)
+
+    modules = [spec.layer_module(model, layer, spec.mlp_in[0]) for layer in range(spec.n_layers)]
+    with torch.no_grad(), hooked([m.register_forward_hook(keep) for m in modules]):
+        run_model(model, batch, **keep_one(model))
+    return torch.cat(rows, -1).float(), torch.gather(mask, 1, where).float()
+
+
 def _bar(total: int, progress: bool, desc: str) -> tqdm:
     return tqdm(total=total, disable=not progress, desc=desc, leave=False)
 
@@ -285,7 +309,8 @@ def lape(
 ) -> MethodOutput:
     """Class-specific components (LAPE, Tang et al. 2024), for two or more classes.
 
-    Neurons: ``p_c`` = fraction of real tokens of class ``c`` where the neuron is > 0. Heads and the
+    Neurons: ``p_c`` = fraction of real tokens of class ``c`` where the neuron fires (:func:`gate_open`:
+    its activation function's input is > 0, as in the paper; not the sign of a gated value). Heads and the
     residual stream: ``p_c`` = mean activation norm on class ``c``. With ``q = p / sum_c p`` the score is
     ``1 - H(q) / log(n_classes)``: 1 = active on one class only, 0 = equally active on all. Neurons whose
     largest ``p_c`` is below ``min_prob`` (almost never active) score 0. With exactly two classes the
@@ -305,12 +330,18 @@ def lape(
     with eval_mode(model), _bar(total, progress, "lape") as bar:
         for c, name in enumerate(names):
             for batch in class_batches[name]:
-                acts, weight, _ = collect(model, to_device(batch, device), components, positions, **keep_one(model))
+                batch = to_device(batch, device)
+                others = [k for k in components if k != "neurons"]
+                acts, weight, _ = (
+                    collect(model, batch, others, positions, **keep_one(model)) if others else ({}, None, None)
+                )
+                if "neurons" in components:
+                    acts["neurons"], weight = gate_open(model, batch, positions)
                 w = weight.double().cpu()
                 tokens[c] += w.sum()
                 for kind in components:
                     a = acts[kind].double().cpu()
-                    value = (a[..., 0] > 0).double() if kind == "neurons" else a.norm(dim=-1)
+                    value = a if kind == "neurons" else a.norm(dim=-1)
                     level[kind][c] += (value * w[..., None]).sum((0, 1))
                 bar.update(1)
     if (tokens == 0).any():
