@@ -286,3 +286,43 @@ def test_truthfulness_steering_example(tiny_dir, tmp_path):
     assert _png(out / "truthfulness.png") and json.loads((out / "results.json").read_text())["test"] == 5
     with pytest.raises(ValueError, match="exceeds the 790 questions"):
         module.main(["--model", str(tiny_dir), "--train", "700", "--test", "100"])
+
+
+def test_neuron_firing_example_against_gates_by_hand(real_tok_dir, tmp_path):
+    """Firing shares at the last prompt token match gates recomputed one unpadded prompt at a time."""
+    from mi_peft.arch import spec_for
+    from mi_peft.data_files import read_texts
+
+    module, out = example("07_neuron_firing"), tmp_path / "firing"
+    result = module.main(["--model", str(real_tok_dir), "--out", str(out), "--pairs", "6", "--prompts", "5"])
+    model, tok = load_model(str(real_tok_dir))
+    spec = spec_for(model)
+    located = [(int(layer), i) for layer, idx in result["located_neurons"].items() for i in idx]
+    assert result["n_located"] == len(located) > 0
+    texts = format_prompts(tok, read_texts(module.DATA / "instructions_test.json")[:5])
+    gates = []
+    handles = [
+        spec.layer_module(model, layer, spec.mlp_in[0]).register_forward_hook(
+            lambda _m, _a, output: gates.append(output[0, -1, : spec.n_neurons])
+        )
+        for layer in range(spec.n_layers)
+    ]
+    fired = []
+    for text in texts:
+        with torch.no_grad():
+            model(**tok(text, return_tensors="pt"))
+        fired.append(torch.stack(gates[-spec.n_layers :]) > 0)  # [n_layers, n_neurons] at the last token
+    for handle in handles:
+        handle.remove()
+    share = torch.stack(fired).float().mean(0)
+    expected = float(torch.stack([share[layer, i] for layer, i in located]).mean())
+    assert result["located"]["instruction, last token"] == pytest.approx(expected, abs=1e-6)
+    assert result["all_neurons"]["instruction, last token"] == pytest.approx(float(share.mean()), abs=1e-6)
+    for name in ("located", "random", "all_neurons"):
+        assert all(0.0 <= result[name][place] <= 1.0 for place in module.PLACES)
+    assert len(result["random_draws"]) == 3
+    summary = (out / "summary.md").read_text()
+    assert f"{expected:.3f}" in summary and _png(out / "firing.png")
+    assert json.loads((out / "results.json").read_text())["n_located"] == len(located)
+    with pytest.raises(SystemExit):
+        module.main(["--model", str(real_tok_dir), "--budget", "2"])
