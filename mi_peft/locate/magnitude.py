@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Union
 
 import torch
@@ -158,8 +158,9 @@ def collect(
     return acts, weight, out
 
 
-def gate_open(model: nn.Module, batch: Batch, positions: Positions) -> tuple[Tensor, Tensor]:
-    """Whether each neuron's activation-function input is > 0: ``[B, k, C]`` (0/1 float) and token weights ``[B, k]``.
+@contextmanager
+def gates_at(model: nn.Module, where: Tensor) -> Iterator[list[Tensor]]:
+    """Hooks that append, per layer and forward pass, whether each neuron fires at ``where`` (``[B, k]``).
 
     This is LAPE's firing test. A gated neuron's value ``act(gate) * up`` takes the sign of ``up``, so
     "value > 0" is not "firing"; the neuron fires where ``act(gate) > 0``, i.e. ``gate > 0`` for SiLU and
@@ -167,8 +168,6 @@ def gate_open(model: nn.Module, batch: Batch, positions: Positions) -> tuple[Ten
     (the fused gate/up module's first half; the only input projection of an ungated MLP).
     """
     spec = spec_for(model)
-    mask = batch["attention_mask"]
-    where = position_index(positions, mask)
     rows: list[Tensor] = []
 
     def keep(_module: nn.Module, _args: Any, output: Tensor) -> None:
@@ -176,7 +175,15 @@ def gate_open(model: nn.Module, batch: Batch, positions: Positions) -> tuple[Ten
         rows.append(torch.gather(gate, 1, where[..., None].expand(-1, -1, gate.shape[-1])) > 0)
 
     modules = [spec.layer_module(model, layer, spec.mlp_in[0]) for layer in range(spec.n_layers)]
-    with torch.no_grad(), hooked([m.register_forward_hook(keep) for m in modules]):
+    with hooked([m.register_forward_hook(keep) for m in modules]):
+        yield rows
+
+
+def gate_open(model: nn.Module, batch: Batch, positions: Positions) -> tuple[Tensor, Tensor]:
+    """Whether each neuron fires (:func:`gates_at`): ``[B, k, C]`` (0/1 float) and token weights ``[B, k]``."""
+    mask = batch["attention_mask"]
+    where = position_index(positions, mask)
+    with torch.no_grad(), gates_at(model, where) as rows:
         run_model(model, batch, **keep_one(model))
     return torch.cat(rows, -1).float(), torch.gather(mask, 1, where).float()
 
@@ -332,11 +339,11 @@ def lape(
             for batch in class_batches[name]:
                 batch = to_device(batch, device)
                 others = [k for k in components if k != "neurons"]
-                acts, weight, _ = (
-                    collect(model, batch, others, positions, **keep_one(model)) if others else ({}, None, None)
-                )
-                if "neurons" in components:
-                    acts["neurons"], weight = gate_open(model, batch, positions)
+                where = position_index(positions, batch["attention_mask"])
+                with gates_at(model, where) if "neurons" in components else nullcontext([]) as gates:
+                    acts, weight, _ = collect(model, batch, others, positions, **keep_one(model))
+                if "neurons" in components:  # one forward pass for the gates and the other kinds
+                    acts["neurons"] = torch.cat(gates, -1).float()
                 w = weight.double().cpu()
                 tokens[c] += w.sum()
                 for kind in components:
