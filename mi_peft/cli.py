@@ -95,9 +95,9 @@ def cmd_locate(args: argparse.Namespace) -> int:
         tokenizer,
         pairs,
         method=args.method,
-        components=tuple(args.components.split(",")),
+        components=None if args.components is None else tuple(args.components.split(",")),
         metric=args.metric,
-        positions=parse_positions(args.positions),
+        positions=None if args.positions is None else parse_positions(args.positions),
         batch_size=args.batch_size,
     )
     out = Path(args.out)
@@ -293,9 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="Contrastive data: a folder (positive.json/negative.json), JSON, JSONL or CSV."
     )
     loc.add_argument("--method", default="attribution_patching", help="Localization method (see README).")
-    loc.add_argument("--components", default="heads,neurons,residual", help="Comma-separated kinds to score.")
+    loc.add_argument(
+        "--components", default=None, help="Comma-separated kinds to score (default: every kind the method scores)."
+    )
     loc.add_argument("--metric", default=None, help="Metric for gradient/causal methods (default: refusal).")
-    loc.add_argument("--positions", default="last", help="Token positions: last, all, mean or indices like -3,-2,-1.")
+    loc.add_argument(
+        "--positions",
+        default=None,
+        help="Token positions: last, all, mean or indices like -3,-2,-1 (default: all for weight_gradient, else last).",
+    )
     loc.add_argument("--pairs", type=int, default=None, help="Use a random subset of this many pairs.")
     loc.add_argument("--batch-size", type=int, default=8)
     loc.add_argument("--seed", type=int, default=0)

@@ -107,6 +107,7 @@ def _locate(run: Run) -> tuple[Any, ContrastivePairs, ContrastivePairs]:
         metric=recipe_metric(recipe, run.tokenizer, "locate"),
         positions=recipe.locate.positions,
         batch_size=recipe.locate.batch_size,
+        **(recipe.locate.options or {}),
     )
     result.save(run.out / "localization")
     run.timings["locate"] = time.perf_counter() - started

@@ -43,7 +43,8 @@ class LocateSection:
     pairs: int = 64
     batch_size: int = 8
     components: tuple[str, ...] = ("heads", "neurons", "residual")
-    positions: str = "last"
+    positions: str | None = None  # None: the method's default ("all" for weight_gradient, else "last")
+    options: dict[str, Any] | None = None  # method options passed to locate(), e.g. {norm: l2} or {min_prob: 0.05}
 
 
 @dataclass
@@ -330,6 +331,16 @@ def _check(recipe: Recipe, source: Path) -> None:
     unknown = sorted(set(recipe.locate.components) - {"heads", "neurons", "residual"})
     if unknown:
         raise ValueError(f"{source}: `locate.components` has unknown kind(s) {unknown}; use heads, neurons, residual.")
+    if recipe.locate.options is not None and not isinstance(recipe.locate.options, dict):
+        raise ValueError(
+            f"{source}: `locate.options` must be a mapping of the method's options (e.g. {{norm: l2}}), "
+            f"got {recipe.locate.options!r}."
+        )
+    if recipe.locate.method == "weight_gradient" and "residual" in recipe.locate.components:
+        raise ValueError(
+            f"{source}: `locate.method: weight_gradient` scores the trainable slices of heads and neurons; "
+            "residual layers have none: set `locate.components: [heads, neurons]` (or one of them)."
+        )
     _check_columns(recipe, source)
     check_sizes(recipe)
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "mi_peft", "recipes")
+SHIPPED = ["language", "language_gradient", "refusal", "sentiment", "sentiment_gradient", "sycophancy", "truthfulness"]
 
 INSPECT_INSTALLED = """
 import json
@@ -79,7 +80,7 @@ def test_wheel_holds_every_package_the_license_and_the_recipes(wheel):
     packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "mi_peft").rglob("__init__.py")}
     missing = sorted(p for p in packages if f"{p}/__init__.py" not in names)
     assert not missing, f"packages missing from the wheel; add them to [tool.setuptools].packages: {missing}"
-    for name in ("language", "refusal", "sentiment", "sycophancy", "truthfulness"):
+    for name in SHIPPED:
         assert f"mi_peft/recipes/{name}.yaml" in names
     shipped_data = {n for n in names if n.startswith("mi_peft/recipes/data/")}
     repo_data = {f"mi_peft/{p.relative_to(REPO).as_posix()}" for p in (REPO / "recipes" / "data").rglob("*")}
@@ -98,7 +99,7 @@ def test_installed_wheel_resolves_recipes_by_name(site, tmp_path):
     assert Path(found["module"]).resolve().is_relative_to(site.resolve()), "imported the checkout, not the wheel"
     packaged = (site / "mi_peft" / "recipes").resolve()
     assert Path(found["recipes_dir"]).resolve() == packaged
-    assert sorted(found["recipes"]) == ["language", "refusal", "sentiment", "sycophancy", "truthfulness"]
+    assert sorted(found["recipes"]) == SHIPPED
     assert found["accelerate"] == ["ddp.yaml", "deepspeed_zero2.yaml", "fsdp.yaml"]
     refusal = found["recipes"]["refusal"]
     assert Path(refusal["path"]) == packaged / "refusal.yaml"
@@ -129,7 +130,7 @@ def test_installed_cli_runs_info_and_names_unknown_recipes(site, tmp_path):
     unknown = _run_installed(site, tmp_path, sys.executable, "-m", "mi_peft.cli", "run", "refusl")
     assert unknown.returncode == 2
     assert "no shipped recipe is named 'refusl'" in unknown.stderr
-    assert "['language', 'refusal', 'sentiment', 'sycophancy', 'truthfulness']" in unknown.stderr
+    assert str(SHIPPED) in unknown.stderr
 
 
 def test_checkout_resolves_names_and_paths_to_the_same_recipe(monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ import yaml
 from conftest import tiny_llama_with_real_tokenizer
 
 from mi_peft.cli import main
+from mi_peft.locate import LocalizationResult
 from mi_peft.report import comparison_table
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "refusal"
@@ -96,10 +97,16 @@ def _tiny_copy(name: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["language.yaml", "sycophancy.yaml", "sentiment.yaml"])
+@pytest.mark.parametrize("name", ["language.yaml", "language_gradient.yaml", "sycophancy.yaml", "sentiment.yaml"])
 def test_every_shipped_recipe_runs(tmp_path, name):
     out = tmp_path / "run"
-    assert main(["run", str(_tiny_copy(name, tmp_path)), "--out", str(out)]) == 0
+    options = ["--set", "locate.options={norm: l2, negative_weight: 0}"] if name == "language_gradient.yaml" else []
+    assert main(["run", str(_tiny_copy(name, tmp_path)), "--out", str(out), *options]) == 0
+    if options:  # the recipe's method options reach locate() and are recorded with the localization
+        localization = LocalizationResult.load(out / "localization")
+        assert localization.method == "weight_gradient" and localization.extra["positions"] == "all"
+        assert localization.extra["options"] == {"norm": "l2", "negative_weight": 0}
+        assert "metric_negative" not in localization.extra
     results = json.loads((out / "results.json").read_text())
     names = [row["variant"] for row in results["variants"]]
     assert names[0] == "base" and names[1].startswith("steering add")

@@ -30,7 +30,17 @@ def _base() -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["refusal.yaml", "sentiment.yaml", "language.yaml", "sycophancy.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "refusal.yaml",
+        "sentiment.yaml",
+        "sentiment_gradient.yaml",
+        "language.yaml",
+        "language_gradient.yaml",
+        "sycophancy.yaml",
+    ],
+)
 def test_shipped_recipes_load(name):
     recipe = load_recipe(RECIPES / name)
     assert recipe.sft is not None and recipe.sft.is_file()
@@ -45,6 +55,13 @@ def test_shipped_recipes_pairs_load():
     keys = {f"{k}_key": v for k, v in syco.pair_keys.items()}
     pairs = ContrastivePairs.load(syco.pairs, **keys)
     assert pairs.prompts is not None and len(pairs) == 300 and pairs.positive[0] in ("(A)", "(B)")
+    for name in ("language_gradient.yaml", "sentiment_gradient.yaml"):
+        recipe = load_recipe(RECIPES / name)
+        pairs = ContrastivePairs.load(recipe.pairs, **{f"{k}_key": v for k, v in recipe.pair_keys.items()})
+        sft = [json.loads(line) for line in recipe.sft.read_text(encoding="utf-8").splitlines() if line]
+        assert pairs.prompts == [row["prompt"][0]["content"] for row in sft]  # one triple per training row
+        assert pairs.positive == [row["completion"][0]["content"] for row in sft]
+        assert all(plain and plain != taught for plain, taught in zip(pairs.negative, pairs.positive, strict=True))
 
 
 def test_valid_minimal_recipe(tmp_path):
@@ -73,6 +90,11 @@ def test_valid_minimal_recipe(tmp_path):
         (lambda r: r.update(train={"seeds": 0}), r"`train.seeds` must be a positive integer"),
         (lambda r: r.update(evaluate={"piqa_n": 0}), r"`evaluate.piqa_n` must be a positive integer"),
         (lambda r: r.update(locate={"components": ["heads", "mlp"]}), r"unknown kind\(s\) \['mlp'\]"),
+        (
+            lambda r: r.update(locate={"method": "weight_gradient", "metric": "logprob"}),
+            r"weight_gradient` scores the trainable slices of heads and neurons.*locate.components: \[heads, neurons\]",
+        ),
+        (lambda r: r.update(locate={"options": ["l2"]}), r"`locate.options` must be a mapping"),
         (lambda r: r.update(colour="red"), r"unknown top-level field\(s\) \['colour'\]"),
         (lambda r: r.update(evaluate={"n_test": 59}), r"pos.json has 60 rows but `evaluate.n_test` is 59"),
         (lambda r: r.update(evaluate={"behaviour": "target"}), "needs `evaluate.target`"),

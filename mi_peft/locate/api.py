@@ -26,7 +26,7 @@ from torch import nn
 from ..arch import spec_for
 from ..data import ContrastivePairs, check_texts, format_prompts, tokenize
 from ..metrics import Metric, get_metric, metric_name
-from . import attention, causal, gradient, magnitude
+from . import attention, causal, gradient, magnitude, weight_gradient
 from .magnitude import KINDS, check_positions
 from .result import LocalizationResult
 from .sae_kind import KIND as SAE_KIND
@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str,
     "lape": (magnitude.lape_pairs, False, ("last", "all")),
     "grad_x_act": (gradient.grad_x_act, True, ("last", "all")),
     "attribution_patching": (gradient.attribution_patching, True, ("last", "all")),
+    "weight_gradient": (weight_gradient.weight_gradient, True, ("all", "last")),
     "activation_patching": (causal.activation_patching, True, ("last", "all")),
     "ablation": (causal.ablation, True, ("last", "all")),
     "probe": (causal.probe, False, ("last", "all", "mean")),
@@ -45,6 +46,10 @@ METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str,
 # Methods that score heads by where they attend (no metric, no contrast needed): name -> allowed string positions.
 # Kept apart from METHODS because they take prompts or pairs plus ``target_tokens`` rather than a contrast alone.
 TARGET_METHODS: dict[str, tuple[str, ...]] = {"attention": attention.POSITIONS}
+# Methods that score fewer kinds than KINDS when ``components=None``.
+DEFAULT_COMPONENTS: dict[str, tuple[str, ...]] = {"weight_gradient": weight_gradient.KINDS}
+# ``positions=None`` means "last" except here: a weight's gradient sums over every token that uses it.
+DEFAULT_POSITIONS: dict[str, str] = {"weight_gradient": "all"}
 DEFAULT_METRIC = "refusal"
 _COMMON = {"model", "batches", "class_batches", "metric", "components", "positions", "progress", "sites"}
 
@@ -56,7 +61,7 @@ def locate(
     method: str = "attribution_patching",
     components: str | Sequence[str] | None = None,
     metric: str | Metric | None = None,
-    positions: str | Sequence[int] = "last",
+    positions: str | Sequence[int] | None = None,
     batch_size: int = 8,
     chat: bool | None = None,
     progress: bool = True,
@@ -73,12 +78,13 @@ def locate(
             ``{class_name: [prompts]}`` with two or more classes; ``method="attention"`` also takes a list of prompts.
         method: one of :data:`METHODS` or :data:`TARGET_METHODS` (see the README table for what each score means).
         components: any of ``"heads"``, ``"neurons"``, ``"residual"``; ``None`` = every kind the method scores
-            (all three; heads only for ``"attention"``; ``"sae"`` when ``sae`` is given). ``"sae"`` scores the
+            (all three; heads only for ``"attention"``; heads and neurons for ``"weight_gradient"``; ``"sae"`` when ``sae`` is given). ``"sae"`` scores the
             latents of ``sae`` (``mean_diff``, ``activation_stats`` or ``attribution_patching``) on its own.
         metric: metric name or callable ``(logits, batch) -> [batch]`` for gradient and causal methods;
             ``None`` means ``"refusal"`` for them. Magnitude methods and ``probe`` use none.
         positions: ``"last"`` (last real token), ``"all"``, ``"mean"`` (magnitude/probe only) or token
-            indices (negative counts from the end, e.g. ``[-3, -2, -1]``).
+            indices (negative counts from the end, e.g. ``[-3, -2, -1]``); ``None``: ``"all"`` for
+            ``weight_gradient`` (every token that trains the weights), ``"last"`` for the others.
         batch_size: pairs per forward pass.
         chat: use the chat template (``None``: when the tokenizer has one).
         progress: show a tqdm progress bar.
@@ -93,6 +99,8 @@ def locate(
         raise ValueError(f"unknown method {method!r}; choose one of {sorted([*METHODS, *TARGET_METHODS])}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    if positions is None:
+        positions = DEFAULT_POSITIONS.get(method, "last")
     fn, kinds, bound = _route(model, method, components, sae)
     if fn is None:
         return _locate_attention(
@@ -150,7 +158,7 @@ def _route(
     if sae is None and (asked is None or SAE_KIND not in asked):
         if method in TARGET_METHODS:
             return None, (), {}
-        kinds = _check_components(KINDS if asked is None else asked)
+        kinds = _check_components(DEFAULT_COMPONENTS.get(method, KINDS) if asked is None else asked)
         return METHODS[method][0], kinds, {"components": kinds}
     if asked not in (None, (SAE_KIND,)):
         raise ValueError(

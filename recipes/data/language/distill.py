@@ -19,6 +19,10 @@ Outputs (beside this file):
   slightly between CPUs).
 - ``sft_train.jsonl``: TRL conversational prompt-completion rows, English instruction -> French reply.
 - ``instructions_test.json``: ``N_TEST`` held-out English instructions (the recipe scores the first 100).
+- ``contrast_pairs.jsonl`` (``--contrast``, about 3 minutes): per SFT row, the instruction, its French reply
+  and the model's own reply without the system prompt (English), cut at the last full sentence: completion
+  pairs for ``locate.method: weight_gradient``, which scores what training each neuron can do to the French
+  reply's log-likelihood minus the English one's.
 
 Alpaca instructions are CC BY-NC 4.0 (non-commercial); see SOURCE.md.
 """
@@ -45,6 +49,7 @@ REPEATED_NGRAM = 4  # a reply that says the same 4 words twice is looping, not a
 SYSTEM_ECHOES = ("même quand la question", "posée en anglais", "toujours en français", "assistant francophone")
 FIRST_SAMPLE_ROW = 400  # rows before this are kept for recipes/data/general/generic_instructions.json
 MAX_NEW_TOKENS = 64
+KEYS = ("french", "english")  # columns of contrast_pairs.jsonl: the distilled reply, the model's plain reply
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -161,12 +166,33 @@ def read_teacher_replies(path: Path = HERE / "teacher_replies.jsonl") -> tuple[l
     return [r["instruction"] for r in rows], [r["reply"] for r in rows]
 
 
+def build_contrast_pairs(
+    sft: Path, model_name: str | None, keys: tuple[str, str], max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[dict]:
+    """Per row of ``sft``: ``{"prompt", keys[0]: its distilled reply, keys[1]: the model's reply to the bare prompt}``.
+
+    The second reply is what the model says without the teacher's context, cut at its last full sentence.
+    Shared with the sentiment recipe's builder.
+    """
+    rows = [json.loads(line) for line in sft.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [r["prompt"][0]["content"] for r in rows]
+    plain = teacher_replies(prompts, model_name, system=None, max_new_tokens=max_new_tokens)
+    return [
+        {"prompt": p, keys[0]: r["completion"][0]["content"], keys[1]: cut_at_sentence_end(e)}
+        for p, r, e in zip(prompts, rows, plain, strict=True)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=default_source(), help="the shared data folder")
     parser.add_argument("--model", default=None, help="HF id or local path (default: the embedded model)")
     parser.add_argument("--select-only", action="store_true", help="re-filter teacher_replies.jsonl only")
+    parser.add_argument("--contrast", action="store_true", help="only (re)build contrast_pairs.jsonl")
     args = parser.parse_args()
+    if args.contrast:
+        _write_jsonl(HERE / "contrast_pairs.jsonl", build_contrast_pairs(HERE / "sft_train.jsonl", args.model, KEYS))
+        return
     if args.select_only:
         train, replies = read_teacher_replies()
     else:

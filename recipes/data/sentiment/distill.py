@@ -22,7 +22,9 @@ components scored the same. These rows teach cheerfulness on varied instructions
   ``MAX_OPENING_SHARE`` of the rows, so the rows cannot teach one stock sentence.
 
 Outputs (beside this file): ``teacher_instructions.jsonl`` (every raw teacher reply; ``--select-only`` rebuilds
-the rows from it without the model) and ``sft_instructions.jsonl`` (TRL conversational prompt-completion rows).
+the rows from it without the model), ``sft_instructions.jsonl`` (TRL conversational prompt-completion rows) and,
+with ``--contrast`` (about 3 minutes), ``contrast_pairs.jsonl``: per SFT row the instruction, its cheerful reply
+and the model's reply to the bare instruction, the completion pairs ``recipes/sentiment_gradient.yaml`` locates on.
 Alpaca instructions are CC BY-NC 4.0 (non-commercial); see SOURCE.md.
 """
 
@@ -107,7 +109,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF id or local path (default: the embedded model)")
     parser.add_argument("--select-only", action="store_true", help="re-filter teacher_instructions.jsonl only")
+    parser.add_argument("--contrast", action="store_true", help="only (re)build contrast_pairs.jsonl")
     args = parser.parse_args()
+    if args.contrast:
+        sft = HERE / "sft_instructions.jsonl"
+        rows = LANGUAGE.build_contrast_pairs(sft, args.model, ("cheerful", "plain"), MAX_NEW_TOKENS)
+        LANGUAGE._write_jsonl(HERE / "contrast_pairs.jsonl", rows)
+        return
     raw_path = HERE / "teacher_instructions.jsonl"
     if args.select_only:
         instructions, replies = LANGUAGE.read_teacher_replies(raw_path)
