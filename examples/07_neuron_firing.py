@@ -13,6 +13,7 @@ This example measures how often each selected set fires there:
    replies of the recipe's SFT rows.
 
     python examples/07_neuron_firing.py          # embedded model: about 2 min on 2 CPU cores
+    python examples/07_neuron_firing.py --localization runs/language-gradient/localization  # any saved result
 
 Writes ``summary.md``, ``firing.png`` and ``results.json`` under ``--out``; ``main(argv)`` returns the numbers.
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mi_peft import ContrastivePairs, locate
+from mi_peft import ContrastivePairs, LocalizationResult, locate
 from mi_peft.data import format_prompts, tokenize
 from mi_peft.data_files import read_rows, read_texts
 from mi_peft.locate.magnitude import gate_open
@@ -50,6 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=0.0013, help="parameter budget of the selection (out mode)")
     parser.add_argument("--random-seeds", type=int, default=3, help="random sets of the same size")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--localization", type=Path, default=None, help="a saved LocalizationResult to select from instead of LAPE"
+    )
     args = parser.parse_args(argv)
     for name in ("pairs", "prompts", "random_seeds", "batch_size"):
         if getattr(args, name) < 1:
@@ -79,8 +83,11 @@ def set_shares(shares: dict[str, torch.Tensor], components: Any, n_neurons: int)
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    pairs = ContrastivePairs.load(DATA).subset(args.pairs, seed=0)
-    result = locate(model, tokenizer, pairs, method="lape", components=("neurons",), positions="all", progress=True)
+    if args.localization is None:
+        pairs = ContrastivePairs.load(DATA).subset(args.pairs, seed=0)
+        result = locate(model, tokenizer, pairs, method="lape", components=("neurons",), positions="all", progress=True)
+    else:
+        result = LocalizationResult.load(args.localization, model=model)  # refuses a result of another model
     instructions = read_texts(DATA / "instructions_test.json")[: args.prompts]
     replies = [row["completion"][-1]["content"] for row in read_rows(DATA / "sft_train.jsonl")][: args.prompts]
     prompts = format_prompts(tokenizer, instructions)
@@ -97,7 +104,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ]
     return {
         "model": args.model or "embedded SmolLM2-135M-Instruct",
-        "pairs": len(pairs),
+        "method": result.method,
+        "pairs": result.extra.get("n_pairs", result.extra.get("n_prompts")),
         "prompts": len(instructions),
         "replies": len(replies),
         "budget": args.budget,
@@ -132,7 +140,7 @@ def write_summary(result: dict[str, Any], path: Path) -> Path:
     lines = [
         f"# Where do the located language neurons fire? ({result['model']})",
         "",
-        f"LAPE on {result['pairs']} French/English MGSM pairs; {result['n_located']} located neurons at budget "
+        f"`{result['method']}` on {result['pairs']} pairs; {result['n_located']} located neurons at budget "
         f"{result['budget']} (output columns), vs {len(result['random_draws'])} random sets of the same size. "
         f"Firing share = share of tokens with gate > 0, on {result['prompts']} held-out English instructions and "
         f"{result['replies']} French SFT replies. Total {result['seconds']:.0f} s.",

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from mi_peft.capture import ablate
 from mi_peft.components import ComponentSet
 from mi_peft.data import ContrastivePairs, format_prompts, tokenize
+from mi_peft.locate import LocalizationResult
 from mi_peft.metrics import COMPLIANCE_TOKENS, REFUSAL_TOKENS, get_metric
 from mi_peft.models import load_model
 
@@ -326,3 +327,12 @@ def test_neuron_firing_example_against_gates_by_hand(real_tok_dir, tmp_path):
     assert json.loads((out / "results.json").read_text())["n_located"] == len(located)
     with pytest.raises(SystemExit):
         module.main(["--model", str(real_tok_dir), "--budget", "2"])
+    # --localization: the selection comes from a saved result (here neuron scores made up for the test)
+    saved = LocalizationResult.from_model(model, {"neurons": torch.rand(spec.n_layers, spec.n_neurons)}, "custom")
+    saved.save(tmp_path / "loc")
+    again = module.main(
+        ["--model", str(real_tok_dir), "--out", str(out), "--prompts", "5", "--localization", str(tmp_path / "loc")]
+    )
+    chosen = saved.select(param_budget=0.0013, kinds=("neurons",))
+    assert again["method"] == "custom" and again["located_neurons"] == {str(k): v for k, v in chosen.neurons.items()}
+    assert "`custom`" in (out / "summary.md").read_text()
