@@ -7,28 +7,13 @@ import random
 import pytest
 import torch
 from conftest import make_tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from test_locate import one_thread, tiny_tokenizer  # noqa: F401  (one_thread: autouse fixture)
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mi_peft.arch import spec_for
 from mi_peft.data import ContrastivePairs
 from mi_peft.locate import locate
 from mi_peft.metrics import completion_logprob
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
 def completion_pairs(n: int = 6, seed: int = 0) -> ContrastivePairs:
@@ -78,7 +63,7 @@ def norms(attn: torch.Tensor, mlp: torch.Tensor, spec, norm: str) -> tuple[torch
 
 
 def test_scores_equal_the_norms_of_autograd_weight_gradients(tiny_model):
-    tok, pairs = word_tokenizer(), completion_pairs()
+    tok, pairs = tiny_tokenizer(), completion_pairs()
     spec = spec_for(tiny_model)
     result = locate(tiny_model, tok, pairs, method="weight_gradient", metric="logprob", batch_size=4, chat=False)
     pos, neg = slice_grads_by_autograd(tiny_model, tok, pairs, 0), slice_grads_by_autograd(tiny_model, tok, pairs, 1)
@@ -97,7 +82,7 @@ def test_positive_side_alone_with_l2_norm_at_realistic_size():
         num_key_value_heads=1,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    tok, pairs = word_tokenizer(), completion_pairs(8, seed=1)
+    tok, pairs = tiny_tokenizer(), completion_pairs(8, seed=1)
     result = locate(
         model, tok, pairs, method="weight_gradient", metric="logprob", components=("neurons",), batch_size=4,
         chat=False, negative_weight=0, norm="l2",
@@ -112,7 +97,7 @@ def test_positive_side_alone_with_l2_norm_at_realistic_size():
 
 
 def test_model_is_left_as_it_came():
-    model, tok = make_tiny("qwen2"), word_tokenizer()
+    model, tok = make_tiny("qwen2"), tiny_tokenizer()
     model.train()
     flags = [p.requires_grad for p in model.parameters()]
     locate(model, tok, completion_pairs(4), method="weight_gradient", metric="logprob", chat=False, progress=False)
@@ -122,7 +107,7 @@ def test_model_is_left_as_it_came():
 
 
 def test_bad_inputs_name_the_problem_and_the_fix():
-    model, tok, pairs = make_tiny("llama"), word_tokenizer(), completion_pairs(4)
+    model, tok, pairs = make_tiny("llama"), tiny_tokenizer(), completion_pairs(4)
     with pytest.raises(ValueError, match=r"residual.*have none.*components="):
         locate(model, tok, pairs, method="weight_gradient", metric="logprob", components=("neurons", "residual"))
     with pytest.raises(ValueError, match=r"`norm` must be one of \('l1', 'l2'\)"):
