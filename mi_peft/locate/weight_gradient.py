@@ -87,8 +87,8 @@ def _side_gradient(
         keys = sorted(store)
         grads = torch.autograd.grad(value.sum(), [store[k][1] for k in keys], allow_unused=True)
     per_kind: dict[str, list[Tensor]] = {kind: [] for kind in kinds}
-    for (kind, _layer), g in zip(keys, grads, strict=True):
-        x, leaf = store[(kind, _layer)]
+    for key, g in zip(keys, grads, strict=True):
+        kind, (x, leaf) = key[0], store[key]
         g = torch.zeros_like(leaf) if g is None else g
         x = torch.gather(x, 1, where[..., None].expand(-1, -1, x.shape[-1])).float()
         g = torch.gather(g, 1, where[..., None].expand(-1, -1, g.shape[-1])).float()

@@ -174,7 +174,9 @@ def build_contrast_pairs(
     The second reply is what the model says without the teacher's context, cut at its last full sentence.
     Shared with the sentiment recipe's builder.
     """
-    rows = [json.loads(line) for line in sft.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from mi_peft.data_files import read_rows
+
+    rows = read_rows(sft)
     prompts = [r["prompt"][0]["content"] for r in rows]
     plain = teacher_replies(prompts, model_name, system=None, max_new_tokens=max_new_tokens)
     return [
