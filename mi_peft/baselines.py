@@ -7,6 +7,7 @@ fair low-rank comparison trains LoRA on the same kind of projections with a trai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from peft import LoraConfig
@@ -42,12 +43,14 @@ def matched_lora(
     layer_order: list[int] | None = None,
     projections: tuple[str, ...] = ("attn_out", "mlp_out"),
     tolerance: float = 0.1,
+    layers: Sequence[int] | None = None,
 ) -> MatchedLora:
     """LoRA on the attention/MLP output projections with ``n_params`` trainable parameters (within ``tolerance``).
 
     Projections are filled in ``layer_order`` (default: all layers in order; pass the layers the located
     adapter uses first) at the lowest rank whose total lands within the tolerance (closest count on that
-    rank), so the budget is spread over as many projections as it allows. Raises when nothing fits.
+    rank), so the budget is spread over as many projections as it allows. ``layers`` keeps it to those
+    layers (PEFT's ``layers_to_transform``; default all). Raises when nothing fits.
     """
     if n_params <= 0:
         raise ValueError(f"`n_params` must be a positive parameter count, got {n_params}.")
@@ -56,8 +59,11 @@ def matched_lora(
         raise ValueError(f"`projections` must name 'attn_out' and/or 'mlp_out', got {projections!r}.")
     spec = spec_for(model)
     paths = tuple(getattr(spec, name) for name in projections)
-    order = list(layer_order) if layer_order is not None else []
-    order += [layer for layer in range(spec.n_layers) if layer not in order]
+    allowed = list(range(spec.n_layers)) if layers is None else list(layers)
+    if not allowed or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < spec.n_layers for x in allowed):
+        raise ValueError(f"`layers` takes layer indices in [0, {spec.n_layers}), got {allowed!r}.")
+    order = [layer for layer in (layer_order or []) if layer in allowed]
+    order += [layer for layer in allowed if layer not in order]
     modules = [(layer, path) for layer in order for path in paths]  # filled in this order
     costs = [_rank_cost(model, spec, layer, path) for layer, path in modules]
     candidates = []  # (rank, relative error, number of modules)

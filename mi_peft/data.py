@@ -9,7 +9,9 @@
 
 :meth:`ContrastivePairs.load` reads a list of dicts (rows), a dict of lists (columns), a ``.json`` file of
 either, ``.jsonl`` (one row per line), ``.csv``/``.tsv`` with a header, a ``datasets.Dataset`` (columns named
-by ``positive_key``, ``negative_key``, ``prompt_key``), or a **directory** holding ``positive.json`` +
+by ``positive_key``, ``negative_key``, ``prompt_key``; a cell may be a TRL conversational message list
+with one message, so a DPO file loads with ``prompt_key="prompt", positive_key="chosen",
+negative_key="rejected"``), or a **directory** holding ``positive.json`` +
 ``negative.json`` or ``harmful.json`` + ``harmless.json`` (``.jsonl`` too): lists of strings or of rows
 read at ``text_key`` (default ``"instruction"``). In a directory, ``split="test"`` reads ``<name>_test.json``
 instead, and a ``prompts.json`` beside them selects completion mode. ``recipes/data/refusal`` uses this layout.
@@ -37,7 +39,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .data_files import as_texts, columns_of, read_directory, read_file, read_rows, read_texts
+from .data_files import (
+    as_texts,
+    columns_of,
+    read_directory,
+    read_file,
+    read_rows,
+    read_texts,
+    single_turn_texts,
+)
 
 __all__ = [
     "ContrastivePairs",
@@ -134,7 +144,7 @@ class ContrastivePairs:
             where, table = str(path), read_directory(path, text_key, split) if path.is_dir() else read_file(path)
             if path.is_dir():
                 keys = ["positive", "negative"] + (["prompts"] if "prompts" in table else [])
-        columns = {k: as_texts(v, k) for k, v in columns_of(table, where, keys).items()}
+        columns = {k: single_turn_texts(v, k) for k, v in columns_of(table, where, keys).items()}
         prompts = columns[keys[2]] if len(keys) == 3 else None
         pairs = cls(columns[keys[0]], columns[keys[1]], prompts=prompts, system=system)
         _require_nonempty(pairs, where)

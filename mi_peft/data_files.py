@@ -26,6 +26,31 @@ def as_texts(values: Any, name: str) -> list[str]:
     return list(values)
 
 
+def single_turn_texts(values: Any, name: str) -> list[str]:
+    """Strings as they are; a TRL conversational cell (a list of ``{"role", "content"}`` messages) as its one
+    message's content.
+
+    A preference or SFT row in TRL's conversational format (``prompt=[{"role": "user", ...}]``,
+    ``chosen=[{"role": "assistant", ...}]``) then loads like its plain-text twin. A cell with several
+    messages would lose all but one of them, so it raises instead.
+    """
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        return as_texts(values, name)
+    texts = []
+    for i, value in enumerate(values):
+        if isinstance(value, list) and all(isinstance(m, Mapping) and "content" in m for m in value):
+            if len(value) != 1:
+                roles = [m.get("role") for m in value]
+                raise ValueError(
+                    f"`{name}`[{i}] holds {len(value)} messages {roles}; contrastive pairs take one user turn per "
+                    "prompt and one assistant turn per completion. Keep single-turn rows, or pass a shared "
+                    "system prompt with `system=` instead of a system message."
+                )
+            value = value[0]["content"]
+        texts.append(value)
+    return as_texts(texts, name)
+
+
 def _is_dataset(source: Any) -> bool:
     if "datasets" not in sys.modules:  # a Dataset object implies the module is loaded; avoid the import cost
         return False

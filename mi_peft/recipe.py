@@ -89,6 +89,7 @@ class TrainSection:
     kinds: tuple[str, ...] = ("heads", "neurons")
     head_mode: str = "out"
     neuron_mode: str = "out"
+    layers: str | None = None  # e.g. "1-28": located, random and matched LoRA train these layers only
     lora_r: int = 8
     dpo_steps: int | None = None
     dpo_lr: float | None = None  # None: the sparse `lr`
@@ -341,6 +342,11 @@ def _check(recipe: Recipe, source: Path) -> None:
             f"{source}: `locate.method: weight_gradient` scores the trainable slices of heads and neurons; "
             "residual layers have none: set `locate.components: [heads, neurons]` (or one of them)."
         )
+    if recipe.train.layers is not None:
+        try:
+            parse_layers(str(recipe.train.layers))
+        except ValueError as err:
+            raise ValueError(f"{source}: `train.layers`: {err}") from err
     _check_columns(recipe, source)
     check_sizes(recipe)
 

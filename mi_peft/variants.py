@@ -17,7 +17,7 @@ from torch import nn
 
 from .baselines import matched_lora
 from .models import load_model
-from .recipe import Recipe
+from .recipe import Recipe, parse_layers
 from .train import TrainResult, dpo, load_data, sft
 from .tuners.sparse import SparseConfig
 
@@ -77,7 +77,13 @@ def _sparse(recipe: Recipe, result: Any, budget: float, random: int | None) -> S
         head_mode=tr.head_mode,
         neuron_mode=tr.neuron_mode,
         random=random,
+        layers=_train_layers(recipe),
     )
+
+
+def _train_layers(recipe: Recipe) -> list[int] | None:
+    """The layers `train.layers` allows (None: all)."""
+    return parse_layers(None if recipe.train.layers is None else str(recipe.train.layers))
 
 
 def peft_config(variant: Variant, recipe: Recipe, result: Any, model: nn.Module, seed: int) -> PeftConfig:
@@ -93,7 +99,7 @@ def peft_config(variant: Variant, recipe: Recipe, result: Any, model: nn.Module,
     located = _sparse(recipe, result, budget, random=None)
     n_params = located.num_parameters(result.spec)
     layers = sorted({*located.heads, *located.neurons}, key=lambda layer: -_n_selected(located, layer))
-    return matched_lora(model, n_params, layer_order=layers).config
+    return matched_lora(model, n_params, layer_order=layers, layers=_train_layers(recipe)).config
 
 
 def _n_selected(config: SparseConfig, layer: int) -> int:

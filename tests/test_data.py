@@ -83,6 +83,42 @@ def test_load_completion_mode_from_rows():
     assert pairs.prompts == ["hello", "how are you"] and pairs.positive == ["Yes", "Sure"]
 
 
+def test_load_trl_conversational_preference_rows(tmp_path):
+    """A DPO file in TRL's conversational format loads like its plain-text twin; several messages raise."""
+
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    plain = [
+        {"prompt": "hello", "chosen": "Yes", "rejected": "No"},
+        {"prompt": "how are you", "chosen": "Sure", "rejected": "No"},
+    ]
+    chat = [
+        {
+            "prompt": turn("user", r["prompt"]),
+            "chosen": turn("assistant", r["chosen"]),
+            "rejected": turn("assistant", r["rejected"]),
+        }
+        for r in plain
+    ]
+    (tmp_path / "dpo.jsonl").write_text("\n".join(json.dumps(r) for r in chat))
+    keys = {"prompt_key": "prompt", "positive_key": "chosen", "negative_key": "rejected"}
+    loaded = ContrastivePairs.load(tmp_path / "dpo.jsonl", **keys)
+    expected = ContrastivePairs.load(plain, **keys)
+    assert (loaded.prompts, loaded.positive, loaded.negative) == (
+        expected.prompts,
+        expected.positive,
+        expected.negative,
+    )
+    assert loaded.prompts == ["hello", "how are you"] and loaded.negative == ["No", "No"]
+    chat[1]["prompt"] = [{"role": "system", "content": "be kind"}, *turn("user", "how are you")]
+    with pytest.raises(ValueError, match=r"`prompt`\[1\] holds 2 messages \['system', 'user'\].*system="):
+        ContrastivePairs.load(chat, **keys)
+    chat[1]["prompt"] = [{"role": "user"}]  # no content: not a message list, so the string check names it
+    with pytest.raises(ValueError, match=r"`prompt`\[1\] must be a string"):
+        ContrastivePairs.load(chat, **keys)
+
+
 def test_load_directory_layouts(tmp_path):
     (tmp_path / "positive.json").write_text(json.dumps(["hello", {"instruction": "world"}]))
     (tmp_path / "negative.jsonl").write_text('"how"\n{"instruction": "are"}\n')

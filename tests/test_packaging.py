@@ -20,7 +20,16 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "mi_peft", "recipes")
-SHIPPED = ["language", "language_gradient", "refusal", "sentiment", "sentiment_gradient", "sycophancy", "truthfulness"]
+SHIPPED = [
+    "language",
+    "language_gradient",
+    "refusal",
+    "refusal_gradient",
+    "sentiment",
+    "sentiment_gradient",
+    "sycophancy",
+    "truthfulness",
+]
 
 INSPECT_INSTALLED = """
 import json

@@ -34,6 +34,7 @@ def _base() -> dict:
     "name",
     [
         "refusal.yaml",
+        "refusal_gradient.yaml",
         "sentiment.yaml",
         "sentiment_gradient.yaml",
         "language.yaml",
@@ -62,6 +63,13 @@ def test_shipped_recipes_pairs_load():
         assert pairs.prompts == [row["prompt"][0]["content"] for row in sft]  # one triple per training row
         assert pairs.positive == [row["completion"][0]["content"] for row in sft]
         assert all(plain and plain != taught for plain, taught in zip(pairs.negative, pairs.positive, strict=True))
+    refusal = load_recipe(RECIPES / "refusal_gradient.yaml")  # the DPO rows, in TRL's conversational format
+    pairs = ContrastivePairs.load(refusal.pairs, **{f"{k}_key": v for k, v in refusal.pair_keys.items()})
+    dpo = [json.loads(line) for line in refusal.dpo.read_text(encoding="utf-8").splitlines() if line]
+    assert refusal.pairs == refusal.dpo and len(pairs) == len(dpo) == 514
+    assert (
+        pairs.prompts[0] == dpo[0]["prompt"][0]["content"] and pairs.negative[-1] == dpo[-1]["rejected"][0]["content"]
+    )
 
 
 def test_valid_minimal_recipe(tmp_path):
@@ -95,6 +103,7 @@ def test_valid_minimal_recipe(tmp_path):
             r"weight_gradient` scores the trainable slices of heads and neurons.*locate.components: \[heads, neurons\]",
         ),
         (lambda r: r.update(locate={"options": ["l2"]}), r"`locate.options` must be a mapping"),
+        (lambda r: r.update(train={"layers": "1-x"}), r"`train.layers`: cannot parse layers '1-x'; use e.g. '8-19'"),
         (lambda r: r.update(colour="red"), r"unknown top-level field\(s\) \['colour'\]"),
         (lambda r: r.update(evaluate={"n_test": 59}), r"pos.json has 60 rows but `evaluate.n_test` is 59"),
         (lambda r: r.update(evaluate={"behaviour": "target"}), "needs `evaluate.target`"),

@@ -167,6 +167,31 @@ def test_random_control_is_reproducible_and_same_size():
     assert result.select(top_k=5, random=1).n_heads + result.select(top_k=5, random=1).n_neurons == 5
 
 
+def test_layers_restrict_ranking_budget_and_random_pool():
+    """`layers` selects as if the other layers were unscored, and the random control draws from the same layers."""
+    result = scored(make_tiny("llama"))
+    masked = {k: v.clone() for k, v in result.scores.items() if k != "residual"}
+    for scores in masked.values():
+        scores[0] = float("nan")
+    outside_removed = LocalizationResult(masked, result.spec, "m", n_model_parameters=result.n_model_parameters)
+    for criterion in ({"param_budget": 2000}, {"top_k": 7}, {"threshold": 0.5}):
+        restricted = result.select(layers=[1], **criterion)
+        assert restricted == outside_removed.select(**criterion)
+        assert set(restricted.heads) | set(restricted.neurons) == {1}
+    assert result.select(param_budget=2000) != result.select(param_budget=2000, layers=[1])  # layer 0 competes
+    located = result.select(param_budget=2000, layers=[1])
+    for seed in range(5):
+        control = result.select(param_budget=2000, layers=[1], random=seed)
+        assert set(control.heads) | set(control.neurons) == {1}
+        assert (control.n_heads, control.n_neurons) == (located.n_heads, located.n_neurons)
+    assert result.select(top_k=3, layers=range(2)) == result.select(top_k=3)
+    for bad in ([2], [-1], [], [True]):
+        with pytest.raises(ValueError, match=r"`layers` takes layer indices in \[0, 2\)"):
+            result.select(top_k=3, layers=bad)
+    with pytest.raises(ValueError, match="SAE latents live at one site"):
+        result.select(top_k=3, kinds=("sae",), layers=[1])
+
+
 def test_select_errors():
     model = make_tiny("llama")
     result = scored(model)

@@ -149,6 +149,7 @@ class LocalizationResult:
         mode: str | None = None,
         head_mode: str = "out",
         neuron_mode: str = "out",
+        layers: Sequence[int] | None = None,
     ) -> ComponentSet | LatentSet:
         """Select heads/neurons by ``|score|`` with exactly one of ``top_k``, ``param_budget``, ``threshold``.
 
@@ -173,6 +174,8 @@ class LocalizationResult:
             mode: shorthand for ``head_mode`` and/or ``neuron_mode`` wherever valid (``"out"``/``"scale"``
                 both, ``"qkvo"``/``"bias"`` heads, ``"in_out"`` neurons); overrides them.
             head_mode, neuron_mode: sparse adapter modes used for parameter counting.
+            layers: only components of these layers compete, and a ``random`` control draws from the same
+                layers (PEFT's ``layers_to_transform``); ``None`` = every layer.
         """
         given = [
             n for n, v in (("top_k", top_k), ("param_budget", param_budget), ("threshold", threshold)) if v is not None
@@ -185,10 +188,13 @@ class LocalizationResult:
         if SAE_KIND in asked:
             if asked != (SAE_KIND,):
                 raise ValueError(f"SAE latents are selected on their own: pass kinds=('sae',), got {kinds!r}.")
+            if layers is not None:
+                raise ValueError("`layers` restricts heads and neurons; SAE latents live at one site, so drop it.")
             return select_latents(self, top_k, param_budget, threshold, random)
         head_mode, neuron_mode = _resolve_modes(mode, head_mode, neuron_mode)
         kinds = self._selectable(kinds)
-        cand = _candidates([self.scores[k] for k in kinds])
+        scores = {k: self._within_layers(self.scores[k], layers) for k in kinds}
+        cand = _candidates([scores[k] for k in kinds])
         if isinstance(top_k, Mapping):
             limits = _per_kind(top_k, kinds, "top_k", 1)
             taken = torch.zeros_like(cand.kind, dtype=torch.bool)
@@ -224,9 +230,24 @@ class LocalizationResult:
         if random is not None:
             gen = torch.Generator().manual_seed(random)
             for kind, flat in chosen.items():
-                pool = (~torch.isnan(self.scores[kind].flatten())).nonzero().squeeze(1)
+                pool = (~torch.isnan(scores[kind].flatten())).nonzero().squeeze(1)
                 chosen[kind] = pool[torch.randperm(pool.numel(), generator=gen)[: flat.numel()]]
         return self._component_set(chosen)
+
+    def _within_layers(self, scores: torch.Tensor, layers: Sequence[int] | None) -> torch.Tensor:
+        """``scores`` with every layer outside ``layers`` set to NaN (unscored), so ranking, budget and the
+        random pool all skip it."""
+        if layers is None:
+            return scores
+        n = self.spec.n_layers
+        bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n]
+        if bad or not len(layers):
+            raise ValueError(
+                f"`layers` takes layer indices in [0, {n}) (e.g. range(1, {n - 1})), got {list(layers)!r}."
+            )
+        keep = torch.zeros(scores.shape[0], dtype=torch.bool)
+        keep[list(layers)] = True
+        return scores.masked_fill(~keep[:, None], float("nan"))
 
     def _selectable(self, kinds: Sequence[str]) -> list[str]:
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
