@@ -337,11 +337,7 @@ def _check(recipe: Recipe, source: Path) -> None:
             f"{source}: `locate.options` must be a mapping of the method's options (e.g. {{norm: l2}}), "
             f"got {recipe.locate.options!r}."
         )
-    if recipe.locate.method == "weight_gradient" and "residual" in recipe.locate.components:
-        raise ValueError(
-            f"{source}: `locate.method: weight_gradient` scores the trainable slices of heads and neurons; "
-            "residual layers have none: set `locate.components: [heads, neurons]` (or one of them)."
-        )
+    _check_locate_method(recipe, source)
     if recipe.train.layers is not None:
         try:
             parse_layers(str(recipe.train.layers))
@@ -349,6 +345,23 @@ def _check(recipe: Recipe, source: Path) -> None:
             raise ValueError(f"{source}: `train.layers`: {err}") from err
     _check_columns(recipe, source)
     check_sizes(recipe)
+
+
+def _check_locate_method(recipe: Recipe, source: Path) -> None:
+    """``locate.method`` exists and scores every kind in ``locate.components`` (checked before a model loads)."""
+    from .locate.api import scored_kinds
+
+    method = recipe.locate.method
+    try:
+        kinds = scored_kinds(method)
+    except ValueError as err:
+        raise ValueError(f"{source}: `locate.method`: {err}") from err
+    extra = [k for k in recipe.locate.components if k not in kinds]
+    if extra:
+        raise ValueError(
+            f"{source}: `locate.method: {method}` scores {', '.join(kinds)} only, not {', '.join(extra)}: "
+            f"set `locate.components: [{', '.join(k for k in recipe.locate.components if k in kinds) or kinds[0]}]`."
+        )
 
 
 def _check_behaviour(recipe: Recipe, source: Path) -> None:

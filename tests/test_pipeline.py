@@ -97,12 +97,24 @@ def _tiny_copy(name: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["language.yaml", "language_gradient.yaml", "sycophancy.yaml", "sentiment.yaml"])
+@pytest.mark.parametrize(
+    "name", ["language.yaml", "language_gradient.yaml", "refusal_gradient.yaml", "sycophancy.yaml", "sentiment.yaml"]
+)
 def test_every_shipped_recipe_runs(tmp_path, name):
     out = tmp_path / "run"
-    options = ["--set", "locate.options={norm: l2, negative_weight: 0}"] if name == "language_gradient.yaml" else []
+    options = {
+        "language_gradient.yaml": ["--set", "locate.options={norm: l2, negative_weight: 0}"],
+        "refusal_gradient.yaml": ["--set", "train.layers=3-5", "--set", "data.dpo=null"],
+    }.get(name, [])
     assert main(["run", str(_tiny_copy(name, tmp_path)), "--out", str(out), *options]) == 0
-    if options:  # the recipe's method options reach locate() and are recorded with the localization
+    if name == "refusal_gradient.yaml":  # DPO rows (TRL conversational) as triples; every budgeted variant in 3-5
+        assert LocalizationResult.load(out / "localization").method == "weight_gradient"
+        for variant in ("located", "random", "lora_matched"):
+            config = json.loads((out / "adapters" / f"{variant}_sft_b0.0005_s0" / "adapter_config.json").read_text())
+            layers = {int(k) for k in (config.get("neurons") or {})} | {int(k) for k in (config.get("heads") or {})}
+            layers |= {int(m.split(".")[2]) for m in config.get("target_modules") or []}
+            assert layers and layers <= {3, 4, 5}, (variant, layers)
+    if name == "language_gradient.yaml":  # the recipe's method options reach locate() and are recorded
         localization = LocalizationResult.load(out / "localization")
         assert localization.method == "weight_gradient" and localization.extra["positions"] == "all"
         assert localization.extra["options"] == {"norm": "l2", "negative_weight": 0}

@@ -100,9 +100,15 @@ def test_valid_minimal_recipe(tmp_path):
         (lambda r: r.update(locate={"components": ["heads", "mlp"]}), r"unknown kind\(s\) \['mlp'\]"),
         (
             lambda r: r.update(locate={"method": "weight_gradient", "metric": "logprob"}),
-            r"weight_gradient` scores the trainable slices of heads and neurons.*locate.components: \[heads, neurons\]",
+            r"`locate.method: weight_gradient` scores heads, neurons only, not residual: set `locate.components: "
+            r"\[heads, neurons\]`",
         ),
         (lambda r: r.update(locate={"options": ["l2"]}), r"`locate.options` must be a mapping"),
+        (lambda r: r.update(locate={"method": "magic"}), r"`locate.method`: unknown method 'magic'; choose one of"),
+        (
+            lambda r: r.update(locate={"method": "attention", "components": ["neurons"]}),
+            r"`locate.method: attention` scores heads only, not neurons: set `locate.components: \[heads\]`",
+        ),
         (lambda r: r.update(train={"layers": "1-x"}), r"`train.layers`: cannot parse layers '1-x'; use e.g. '8-19'"),
         (lambda r: r.update(colour="red"), r"unknown top-level field\(s\) \['colour'\]"),
         (lambda r: r.update(evaluate={"n_test": 59}), r"pos.json has 60 rows but `evaluate.n_test` is 59"),

@@ -46,8 +46,8 @@ METHODS: dict[str, tuple[Callable[..., magnitude.MethodOutput], bool, tuple[str,
 # Methods that score heads by where they attend (no metric, no contrast needed): name -> allowed string positions.
 # Kept apart from METHODS because they take prompts or pairs plus ``target_tokens`` rather than a contrast alone.
 TARGET_METHODS: dict[str, tuple[str, ...]] = {"attention": attention.POSITIONS}
-# Methods that score fewer kinds than KINDS when ``components=None``.
-DEFAULT_COMPONENTS: dict[str, tuple[str, ...]] = {"weight_gradient": weight_gradient.KINDS}
+# Methods that score fewer kinds than KINDS (``components=None`` means all the kinds a method scores).
+SCORED_KINDS: dict[str, tuple[str, ...]] = {"weight_gradient": weight_gradient.KINDS, "attention": ("heads",)}
 # ``positions=None`` means "last" except here: a weight's gradient sums over every token that uses it.
 DEFAULT_POSITIONS: dict[str, str] = {"weight_gradient": "all"}
 DEFAULT_METRIC = "refusal"
@@ -95,8 +95,7 @@ def locate(
             ``steps`` (probe), ``target_tokens`` (attention: strings whose prompt positions the heads are scored
             on attending to). Unknown options raise a ValueError listing the valid ones.
     """
-    if method not in METHODS and method not in TARGET_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted([*METHODS, *TARGET_METHODS])}.")
+    scored_kinds(method)  # an unknown method fails here
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     if positions is None:
@@ -146,6 +145,14 @@ def locate(
     return LocalizationResult.from_model(model, scores, method, metric=metric_label, data_hash=data_hash, extra=extra)
 
 
+def scored_kinds(method: str) -> tuple[str, ...]:
+    """The component kinds ``method`` scores (SAE latents aside): what ``components=None`` means, and the
+    limit recipe validation checks ``locate.components`` against before a model loads."""
+    if method not in METHODS and method not in TARGET_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted([*METHODS, *TARGET_METHODS])}.")
+    return SCORED_KINDS.get(method, KINDS)
+
+
 def _route(
     model: nn.Module, method: str, components: str | Sequence[str] | None, sae: Any
 ) -> tuple[Callable[..., magnitude.MethodOutput] | None, tuple[str, ...], dict[str, Any]]:
@@ -158,7 +165,7 @@ def _route(
     if sae is None and (asked is None or SAE_KIND not in asked):
         if method in TARGET_METHODS:
             return None, (), {}
-        kinds = _check_components(DEFAULT_COMPONENTS.get(method, KINDS) if asked is None else asked)
+        kinds = _check_components(scored_kinds(method) if asked is None else asked)
         return METHODS[method][0], kinds, {"components": kinds}
     if asked not in (None, (SAE_KIND,)):
         raise ValueError(
@@ -190,7 +197,7 @@ def _locate_attention(
     options: dict[str, Any],
 ) -> LocalizationResult:
     """``method="attention"``: prompts (or pairs, positive minus negative) and ``target_tokens`` -> head scores."""
-    if components is not None and _check_components(components) != ("heads",):
+    if components is not None and _check_components(components) != SCORED_KINDS["attention"]:
         raise ValueError(
             f"method='attention' scores attention heads only; pass components=('heads',), got {components!r}."
         )
