@@ -7,7 +7,6 @@ fair low-rank comparison trains LoRA on the same kind of projections with a trai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from peft import LoraConfig
@@ -43,7 +42,7 @@ def matched_lora(
     layer_order: list[int] | None = None,
     projections: tuple[str, ...] = ("attn_out", "mlp_out"),
     tolerance: float = 0.1,
-    layers: Sequence[int] | None = None,
+    layers: list[int] | None = None,
 ) -> MatchedLora:
     """LoRA on the attention/MLP output projections with ``n_params`` trainable parameters (within ``tolerance``).
 
@@ -59,9 +58,7 @@ def matched_lora(
         raise ValueError(f"`projections` must name 'attn_out' and/or 'mlp_out', got {projections!r}.")
     spec = spec_for(model)
     paths = tuple(getattr(spec, name) for name in projections)
-    allowed = list(range(spec.n_layers)) if layers is None else list(layers)
-    if not allowed or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < spec.n_layers for x in allowed):
-        raise ValueError(f"`layers` takes layer indices in [0, {spec.n_layers}), got {allowed!r}.")
+    allowed = spec.layers_or_all(layers)
     order = [layer for layer in (layer_order or []) if layer in allowed]
     order += [layer for layer in allowed if layer not in order]
     modules = [(layer, path) for layer in order for path in paths]  # filled in this order

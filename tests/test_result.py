@@ -185,8 +185,8 @@ def test_layers_restrict_ranking_budget_and_random_pool():
         assert set(control.heads) | set(control.neurons) == {1}
         assert (control.n_heads, control.n_neurons) == (located.n_heads, located.n_neurons)
     assert result.select(top_k=3, layers=range(2)) == result.select(top_k=3)
-    for bad in ([2], [-1], [], [True]):
-        with pytest.raises(ValueError, match=r"`layers` takes layer indices in \[0, 2\)"):
+    for bad, message in (([2], "layer index 2 is out of range"), ([-1], "index -1"), ([], "`layers` is empty")):
+        with pytest.raises(ValueError, match=message):
             result.select(top_k=3, layers=bad)
     with pytest.raises(ValueError, match="SAE latents live at one site"):
         result.select(top_k=3, kinds=("sae",), layers=[1])

@@ -239,14 +239,8 @@ class LocalizationResult:
         random pool all skip it."""
         if layers is None:
             return scores
-        n = self.spec.n_layers
-        bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n]
-        if bad or not len(layers):
-            raise ValueError(
-                f"`layers` takes layer indices in [0, {n}) (e.g. range(1, {n - 1})), got {list(layers)!r}."
-            )
         keep = torch.zeros(scores.shape[0], dtype=torch.bool)
-        keep[list(layers)] = True
+        keep[self.spec.layers_or_all(layers)] = True
         return scores.masked_fill(~keep[:, None], float("nan"))
 
     def _selectable(self, kinds: Sequence[str]) -> list[str]:
