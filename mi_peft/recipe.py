@@ -21,17 +21,25 @@ from .precision import check_precision
 BEHAVIOURS = ("refusal", "language", "ab", "target", "mc")
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"8-19"`` -> 8..19, ``"3,5,7"`` -> [3, 5, 7], ``None`` -> None."""
-    if not text:
+def parse_layers(value: str | int | Sequence[int] | None) -> list[int] | None:
+    """``"8-19"`` -> 8..19, ``"3,5,7"`` -> [3, 5, 7]; YAML numbers ``5`` or ``[3, 5]`` as they are; ``None`` -> None."""
+    if value is None or value == "":
         return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ValueError(f"cannot parse layers {value!r}; a list must hold layer numbers, e.g. [3, 5, 7].")
+    if not isinstance(value, str):
+        raise ValueError(f"cannot parse layers {value!r}; use e.g. '8-19', '3,5,7' or 5.")
     layers: list[int] = []
-    for part in text.split(","):
+    for part in value.split(","):
         start, _, stop = part.partition("-")
         try:
             layers.extend(range(int(start), int(stop) + 1) if stop else [int(start)])
         except ValueError as err:
-            raise ValueError(f"cannot parse layers {text!r}; use e.g. '8-19' or '3,5,7'.") from err
+            raise ValueError(f"cannot parse layers {value!r}; use e.g. '8-19' or '3,5,7'.") from err
     return layers
 
 
@@ -68,7 +76,7 @@ class ValidateSection:
 class SteerSection:
     """Alpha sweep on ``val_prompts`` held-out prompts taken after the first ``n_test`` of the test files."""
 
-    layers: str = "8-19"
+    layers: str | int | tuple[int, ...] = "8-19"
     alphas: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)
     method: str = "mean_diff"
     conditional: bool = False
@@ -89,7 +97,9 @@ class TrainSection:
     kinds: tuple[str, ...] = ("heads", "neurons")
     head_mode: str = "out"
     neuron_mode: str = "out"
-    layers: str | None = None  # e.g. "1-28": located, random and matched LoRA train these layers only
+    layers: str | int | tuple[int, ...] | None = (
+        None  # e.g. "1-28": located, random and matched LoRA train these layers only
+    )
     lora_r: int = 8
     dpo_steps: int | None = None
     dpo_lr: float | None = None  # None: the sparse `lr`
@@ -338,11 +348,11 @@ def _check(recipe: Recipe, source: Path) -> None:
             f"got {recipe.locate.options!r}."
         )
     _check_locate_method(recipe, source)
-    if recipe.train.layers is not None:
+    for where, layers in (("steer.layers", recipe.steer.layers), ("train.layers", recipe.train.layers)):
         try:
-            parse_layers(str(recipe.train.layers))
+            parse_layers(layers)
         except ValueError as err:
-            raise ValueError(f"{source}: `train.layers`: {err}") from err
+            raise ValueError(f"{source}: `{where}`: {err}") from err
     _check_columns(recipe, source)
     check_sizes(recipe)
 

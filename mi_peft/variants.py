@@ -83,7 +83,7 @@ def _sparse(recipe: Recipe, result: Any, budget: float, random: int | None) -> S
 
 def _train_layers(recipe: Recipe) -> list[int] | None:
     """The layers `train.layers` allows (None: all)."""
-    return parse_layers(None if recipe.train.layers is None else str(recipe.train.layers))
+    return parse_layers(recipe.train.layers)
 
 
 def peft_config(variant: Variant, recipe: Recipe, result: Any, model: nn.Module, seed: int) -> PeftConfig:

@@ -152,6 +152,19 @@ def test_parse_layers():
     assert parse_layers(None) is None
     with pytest.raises(ValueError, match="cannot parse layers"):
         parse_layers("a-b")
+    # YAML numbers: `layers: 5` and `layers: [3, 5]`
+    assert parse_layers(5) == [5] and parse_layers((3, 5)) == [3, 5]
+    for bad in ([], [3, "x"], True, 2.5):
+        with pytest.raises(ValueError, match="cannot parse layers"):
+            parse_layers(bad)
+
+
+def test_layer_fields_accept_yaml_numbers_and_fail_at_load(tmp_path):
+    path = _write(tmp_path, _base())
+    recipe = load_recipe(path, ["steer.layers=5", "train.layers=[3, 5]"])
+    assert parse_layers(recipe.steer.layers) == [5] and parse_layers(recipe.train.layers) == [3, 5]
+    with pytest.raises(ValueError, match=r"`steer.layers`: cannot parse layers 'x'"):
+        load_recipe(path, ["steer.layers=x"])
 
 
 def test_settings_override_fields_and_are_validated(tmp_path):
