@@ -7,6 +7,7 @@ fair low-rank comparison trains LoRA on the same kind of projections with a trai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from peft import LoraConfig
@@ -39,10 +40,10 @@ def _rank_cost(model: nn.Module, spec: ArchSpec, layer: int, path: str) -> int:
 def matched_lora(
     model: nn.Module,
     n_params: int,
-    layer_order: list[int] | None = None,
+    layer_order: Sequence[int] | None = None,
     projections: tuple[str, ...] = ("attn_out", "mlp_out"),
     tolerance: float = 0.1,
-    layers: list[int] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> MatchedLora:
     """LoRA on the attention/MLP output projections with ``n_params`` trainable parameters (within ``tolerance``).
 
