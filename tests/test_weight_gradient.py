@@ -74,14 +74,19 @@ def test_scores_equal_the_norms_of_autograd_weight_gradients(tiny_model):
     assert (neurons > 0).any() and (heads > 0).any()
 
 
-def test_positive_side_alone_with_l2_norm_at_realistic_size():
-    """``negative_weight=0`` is the SFT loss gradient on the positive completions; d_model 128, 256 neurons."""
+def realistic_llama():
+    """A random Llama with d_model 128, 256 neurons per layer, 2 layers of 2 heads of 64."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def test_positive_side_alone_with_l2_norm_at_realistic_size():
+    """``negative_weight=0`` is the SFT loss gradient on the positive completions; d_model 128, 256 neurons."""
+    model = realistic_llama()
     tok, pairs = tiny_tokenizer(), completion_pairs(8, seed=1)
     result = locate(
         model, tok, pairs, method="weight_gradient", metric="logprob", components=("neurons",), batch_size=4,
@@ -127,12 +132,7 @@ def input_rms_by_hooks(model, tokenizer, pairs) -> tuple[torch.Tensor, torch.Ten
 
 def test_activation_penalty_divides_by_the_relative_input_rms():
     """score / (1 + p * rms / median(rms)), with the RMS measured by plain hooks; d_model 128, 256 neurons."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = realistic_llama()
     tok, pairs = tiny_tokenizer(), completion_pairs(8, seed=2)
     kwargs = dict(method="weight_gradient", metric="logprob", batch_size=4, chat=False, progress=False)
     plain = locate(model, tok, pairs, **kwargs)
