@@ -21,6 +21,7 @@ from peft import get_peft_model
 from . import variants as variant_plan
 from .aggregate import summarize_runs, verdicts
 from .data import ContrastivePairs
+from .environment import run_environment
 from .evaluate.preference import preference_margin
 from .finished import FinishedRows
 from .locate import directions, locate
@@ -231,6 +232,7 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model, tokenizer = load_model(recipe.model)
+    environment = run_environment(model, recipe.train.precision)
     run = Run(recipe, out, model, tokenizer, Evaluator(recipe, tokenizer), log, FinishedRows(out, recipe, resume))
     result, loc_pairs, val_pairs = _locate(run)
     log("[2/5] validate: ablate top components vs random ones")
@@ -257,6 +259,7 @@ def run_recipe(
         "runs": runs,
         "losses": losses,
         "timings": run.timings,
+        "environment": environment,
     }
     write_report(out, results, result)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))

@@ -332,6 +332,23 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
         lines += _sae_lines(steer["sae"])
     lines += ["## Plots", "", *[f"![{p.stem}]({p.as_posix()})" for p in written], ""]
     lines += ["## Timings (s)", "", *[f"- {k}: {v:.1f}" for k, v in results["timings"].items()], ""]
+    lines += _environment_lines(results.get("environment"))
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _environment_lines(env: dict[str, Any] | None) -> list[str]:
+    """What the run ran on (``results.json`` holds the full record): versions, CPU class, precision, weights."""
+    if not env:
+        return []
+    packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v is not None)
+    machine = env["gpu"] or f"CPU ({env['cpu_capability']}, bf16 units: {env['cpu_bf16_flag'] or 'none'})"
+    return [
+        "## Environment",
+        "",
+        f"- packages: python {env['python']}, {packages}",
+        f"- machine: {machine}, {env['torch_threads']} torch threads; training precision {env['train_precision']}",
+        f"- base weights sha256: `{env['weights_sha256'][:16]}`",
+        "",
+    ]

@@ -4,12 +4,14 @@ import json
 import math
 from pathlib import Path
 
+import peft
 import pytest
 import yaml
 from conftest import tiny_llama_with_real_tokenizer
 
 from mi_peft.cli import main
 from mi_peft.locate import LocalizationResult
+from mi_peft.precision import resolve_precision
 from mi_peft.report import comparison_table
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "refusal"
@@ -67,6 +69,9 @@ def test_run_writes_consistent_report(tmp_path, capsys):
     assert located["adapter_bytes"] > 0 and results["variants"][0]["trainable_params"] == 0
     assert comparison_table(results["variants"]) in (out / "report.md").read_text()
     assert comparison_table(results["variants"]) in capsys.readouterr().out
+    env = results["environment"]  # what the numbers ran on, so two reports can be compared
+    assert env["train_precision"] == resolve_precision("auto") and env["packages"]["peft"] == peft.__version__
+    assert f"base weights sha256: `{env['weights_sha256'][:16]}`" in (out / "report.md").read_text()
 
 
 RECIPES = DATA.parents[1]
