@@ -26,7 +26,7 @@ from ..arch import ArchSpec, _unwrap, spec_for
 from ..components import HEAD_MODES, NEURON_MODES, ComponentSet, check_mode, head_parameters, neuron_parameters
 from ..data import check_positive
 from ..fingerprint import _ADAPTER_TAGS, check_fingerprint, model_fingerprint
-from ._select import _candidates, _greedy_fixed, _greedy_qkvo, _order
+from ._select import _Candidates, _candidates, _greedy_fixed, _greedy_qkvo, _order
 from .result_views import compare_results, plot_result, result_frame
 from .sae_kind import KIND as SAE_KIND
 from .sae_kind import LatentSet, sae_shape, select_latents
@@ -195,35 +195,7 @@ class LocalizationResult:
         kinds = self._selectable(kinds)
         scores = {k: self._within_layers(self.scores[k], layers) for k in kinds}
         cand = _candidates([scores[k] for k in kinds])
-        if isinstance(top_k, Mapping):
-            limits = _per_kind(top_k, kinds, "top_k", 1)
-            taken = torch.zeros_like(cand.kind, dtype=torch.bool)
-            for i, kind in enumerate(kinds):
-                mine = cand.kind == i
-                taken |= mine & (mine.cumsum(0) <= limits[kind])
-        elif top_k is not None:
-            check_positive(top_k, "top_k")
-            taken = torch.arange(cand.kind.numel()) < top_k
-        elif threshold is not None:
-            limits = _per_kind(threshold, kinds, "threshold", 0)
-            taken = cand.raw >= torch.tensor([float(limits[k]) for k in kinds])[cand.kind]
-        else:
-            budget = self._budget(param_budget)
-            costs = [
-                head_parameters(self.spec, head_mode) if k == "heads" else neuron_parameters(self.spec, neuron_mode)
-                for k in kinds
-            ]
-            qkvo = head_mode == "qkvo" and "heads" in kinds
-            if qkvo:
-                taken = _greedy_qkvo(cand, costs, budget, self.spec, kinds.index("heads"))
-            else:
-                taken = _greedy_fixed(torch.tensor(costs)[cand.kind], budget)
-            if not taken.any():
-                raise ValueError(
-                    f"param_budget={param_budget!r} ({budget} parameters) selects nothing: the cheapest component "
-                    f"costs {min(costs)} parameters (head_mode={head_mode!r}, neuron_mode={neuron_mode!r}); "
-                    "pass a larger budget."
-                )
+        taken = self._taken(cand, kinds, top_k, param_budget, threshold, head_mode, neuron_mode)
         if not taken.any():
             raise ValueError(f"`{given[0]}` selects nothing here; pass a larger `top_k` or a lower `threshold`.")
         chosen = {kind: cand.flat[taken & (cand.kind == i)] for i, kind in enumerate(kinds)}
@@ -233,6 +205,47 @@ class LocalizationResult:
                 pool = (~torch.isnan(scores[kind].flatten())).nonzero().squeeze(1)
                 chosen[kind] = pool[torch.randperm(pool.numel(), generator=gen)[: flat.numel()]]
         return self._component_set(chosen)
+
+    def _taken(
+        self,
+        cand: _Candidates,
+        kinds: tuple[str, ...],
+        top_k: int | Mapping[str, int] | None,
+        param_budget: float | int | None,
+        threshold: float | Mapping[str, float] | None,
+        head_mode: str,
+        neuron_mode: str,
+    ) -> torch.Tensor:
+        """Mask over the ranked candidates ``cand``: those the one given criterion keeps."""
+        if isinstance(top_k, Mapping):
+            limits = _per_kind(top_k, kinds, "top_k", 1)
+            taken = torch.zeros_like(cand.kind, dtype=torch.bool)
+            for i, kind in enumerate(kinds):
+                mine = cand.kind == i
+                taken |= mine & (mine.cumsum(0) <= limits[kind])
+            return taken
+        if top_k is not None:
+            check_positive(top_k, "top_k")
+            return torch.arange(cand.kind.numel()) < top_k
+        if threshold is not None:
+            limits = _per_kind(threshold, kinds, "threshold", 0)
+            return cand.raw >= torch.tensor([float(limits[k]) for k in kinds])[cand.kind]
+        budget = self._budget(param_budget)
+        costs = [
+            head_parameters(self.spec, head_mode) if k == "heads" else neuron_parameters(self.spec, neuron_mode)
+            for k in kinds
+        ]
+        if head_mode == "qkvo" and "heads" in kinds:
+            taken = _greedy_qkvo(cand, costs, budget, self.spec, kinds.index("heads"))
+        else:
+            taken = _greedy_fixed(torch.tensor(costs)[cand.kind], budget)
+        if not taken.any():
+            raise ValueError(
+                f"param_budget={param_budget!r} ({budget} parameters) selects nothing: the cheapest component "
+                f"costs {min(costs)} parameters (head_mode={head_mode!r}, neuron_mode={neuron_mode!r}); "
+                "pass a larger budget."
+            )
+        return taken
 
     def _within_layers(self, scores: torch.Tensor, layers: Sequence[int] | None) -> torch.Tensor:
         """``scores`` with every layer outside ``layers`` set to NaN (unscored), so ranking, budget and the
