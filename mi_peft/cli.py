@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .cli_locate import add_locate_parser, load_pairs, parse_positions
 from .cli_run import add_run_parser
 from .cli_sae import add_sae_parser
 from .precision import PRECISIONS
@@ -62,53 +63,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         for m in NEURON_MODES
     ]
     print_table(rows, ("component", "mode", "params", "% of model"))
-    return 0
-
-
-def parse_positions(text: str):
-    """``last``/``all``/``mean`` pass through; ``"-3,-2,-1"`` becomes a list of indices."""
-    if text in ("last", "all", "mean"):
-        return text
-    try:
-        return [int(p) for p in text.split(",")]
-    except ValueError as err:
-        raise ValueError(f"cannot parse positions {text!r}; use last, all, mean or indices like -3,-2,-1.") from err
-
-
-def _load_pairs(path: str, limit: int | None, seed: int):
-    from .data import ContrastivePairs
-
-    pairs = ContrastivePairs.load(path)
-    return pairs.subset(limit, seed=seed) if limit and limit < len(pairs) else pairs
-
-
-def cmd_locate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .locate import locate
-    from .models import load_model
-
-    model, tokenizer = load_model(args.model)
-    pairs = _load_pairs(args.data, args.pairs, args.seed)
-    result = locate(
-        model,
-        tokenizer,
-        pairs,
-        method=args.method,
-        components=None if args.components is None else tuple(args.components.split(",")),
-        metric=args.metric,
-        positions=None if args.positions is None else parse_positions(args.positions),
-        batch_size=args.batch_size,
-    )
-    out = Path(args.out)
-    result.save(out)
-    plots = result.plot(out)
-    for kind in result.scores:
-        top = result.top(kind, args.top)
-        rows = [(kind, addr[0], addr[1] if len(addr) > 1 else "-", f"{score:+.4g}") for addr, score in top]
-        print(f"\ntop {args.top} {kind} by |score| ({result.method})")
-        print_table(rows, ("kind", "layer", "index", "score"))
-    print(f"\nwrote {out}/ ({', '.join(p.name for p in plots)})")
     return 0
 
 
@@ -222,7 +176,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     if args.directions:
         dirs = Directions.load(args.directions, model=model)
     else:
-        dirs = directions(model, tokenizer, _load_pairs(args.data, args.pairs, args.seed), layers=layers)
+        dirs = directions(model, tokenizer, load_pairs(args.data, args.pairs, args.seed), layers=layers)
     config = SteeringConfig.from_directions(dirs, layers=layers, alpha=args.alpha, op=args.op, positions=args.positions)
     prompts = args.prompt or ["Tell me about your day."]
     before = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
@@ -287,27 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(info)
     info.set_defaults(func=cmd_info)
 
-    loc = sub.add_parser("locate", help="Score heads, neurons and residual layers on contrastive data.")
-    _add_model_arg(loc)
-    loc.add_argument(
-        "--data", required=True, help="Contrastive data: a folder (positive.json/negative.json), JSON, JSONL or CSV."
-    )
-    loc.add_argument("--method", default="attribution_patching", help="Localization method (see README).")
-    loc.add_argument(
-        "--components", default=None, help="Comma-separated kinds to score (default: every kind the method scores)."
-    )
-    loc.add_argument("--metric", default=None, help="Metric for gradient/causal methods (default: refusal).")
-    loc.add_argument(
-        "--positions",
-        default=None,
-        help="Token positions: last, all, mean or indices like -3,-2,-1 (default: all for weight_gradient, else last).",
-    )
-    loc.add_argument("--pairs", type=int, default=None, help="Use a random subset of this many pairs.")
-    loc.add_argument("--batch-size", type=int, default=8)
-    loc.add_argument("--seed", type=int, default=0)
-    loc.add_argument("--top", type=int, default=10, help="Rows to print per kind.")
-    loc.add_argument("--out", required=True, help="Folder to write the result and its plots to.")
-    loc.set_defaults(func=cmd_locate)
+    add_locate_parser(sub)
 
     lens = sub.add_parser("lens", help="Logit lens: decode every layer's residual stream.")
     _add_model_arg(lens)
@@ -404,5 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+__all__ = ["build_parser", "load_pairs", "main", "parse_positions", "print_table"]
+
 if __name__ == "__main__":
     sys.exit(main())
+

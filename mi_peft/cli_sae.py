@@ -64,14 +64,14 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_locate(args: argparse.Namespace) -> int:
-    from .cli import _load_pairs, parse_positions, print_table
+    from .cli import load_pairs, parse_positions, print_table
     from .locate import latent_stats, locate
     from .models import load_model
     from .sae import load_sae
 
     model, tokenizer = load_model(args.model)
     site = load_sae(args.sae, model)
-    pairs = _load_pairs(args.data, args.pairs, args.seed)
+    pairs = load_pairs(args.data, args.pairs, args.seed)
     result = locate(
         model, tokenizer, pairs, method=args.method, sae=site, metric=args.metric,
         positions=parse_positions(args.positions), batch_size=args.batch_size,

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tk_models
 from transformers import PreTrainedTokenizerFast
 
-from mi_peft import SparseConfig, SteeringConfig
+from mi_peft import LocalizationResult, SparseConfig, SteeringConfig
 from mi_peft.cli import main, parse_positions
 
 
@@ -57,6 +57,23 @@ def test_locate_writes_result_and_prints_table(tiny_dir, tmp_path, capsys):
     assert (out / "scores.safetensors").is_file() and (out / "result.json").is_file()
     text = capsys.readouterr().out
     assert "top 3 heads" in text and "top 3 neurons" in text
+
+
+def test_locate_passes_method_options(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps([{"positive": f"w{i} w5 w6", "negative": f"w{i} w7 w8"} for i in range(10, 16)]))
+    args = ["locate", "--model", str(tiny_dir), "--data", str(data), "--method", "activation_stats"]
+    assert main([*args, "--option", "stat=abs_diff", "--out", str(tmp_path / "loc")]) == 0
+    assert LocalizationResult.load(tmp_path / "loc").extra["options"] == {"stat": "abs_diff"}
+    capsys.readouterr()
+    # an option the method does not take, a malformed one and a repeated one fail naming the fix
+    assert main([*args, "--option", "norm=l2", "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown options ['norm']; valid options:" in capsys.readouterr().err
+    assert main([*args, "--option", "stat", "--out", str(tmp_path / "bad")]) == 2
+    assert "write KEY=VALUE" in capsys.readouterr().err
+    assert main([*args, "--option", "stat=fisher", "--option", "stat=abs_diff", "--out", str(tmp_path / "bad")]) == 2
+    assert "is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_export_lora_gguf_and_gguf_lora(tiny_dir, tmp_path, capsys):
