@@ -342,4 +342,3 @@ __all__ = ["build_parser", "load_pairs", "main", "parse_positions", "print_table
 
 if __name__ == "__main__":
     sys.exit(main())
-
