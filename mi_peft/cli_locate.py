@@ -37,21 +37,19 @@ def add_locate_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="A method option, repeatable (YAML value), e.g. --option activation_penalty=1.0 --option norm=l2.",
+        help="A method option, repeatable (YAML value), e.g. --option norm=l2 --option negative_weight=0.",
     )
     loc.add_argument("--out", required=True, help="Folder to write the result and its plots to.")
     loc.set_defaults(func=cmd_locate)
 
 
 def parse_options(settings: Sequence[str]) -> dict[str, Any]:
-    """``["norm=l2", "activation_penalty=1.0"]`` -> ``{"norm": "l2", "activation_penalty": 1.0}`` (YAML values)."""
+    """``["norm=l2", "negative_weight=0"]`` -> ``{"norm": "l2", "negative_weight": 0}`` (YAML values)."""
     options: dict[str, Any] = {}
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep or not key.strip():
-            raise ValueError(
-                f"cannot read --option {setting!r}; write KEY=VALUE, e.g. --option activation_penalty=1.0."
-            )
+            raise ValueError(f"cannot read --option {setting!r}; write KEY=VALUE, e.g. --option norm=l2.")
         if key.strip() in options:
             raise ValueError(f"--option {key.strip()!r} is given twice; give each option once.")
         options[key.strip()] = yaml.safe_load(value)

@@ -24,7 +24,8 @@ from .data import ContrastivePairs
 from .environment import run_environment
 from .evaluate.preference import preference_margin
 from .finished import FinishedRows
-from .locate import directions, locate
+from .locate import directions, locate, per_cost, slice_fisher
+from .locate_cost_option import CostOption
 from .models import load_model
 from .recipe import Recipe, check_budgets, check_sizes, load_recipe, parse_layers
 from .report import write_report
@@ -110,6 +111,8 @@ def _locate(run: Run) -> tuple[Any, ContrastivePairs, ContrastivePairs]:
         batch_size=recipe.locate.batch_size,
         **(recipe.locate.options or {}),
     )
+    if recipe.locate.cost is not None:
+        result = _per_cost(run, result)
     result.save(run.out / "localization")
     run.timings["locate"] = time.perf_counter() - started
     return result, loc_pairs, val_pairs
@@ -264,6 +267,20 @@ def run_recipe(
     write_report(out, results, result)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))
     return results
+
+
+def _per_cost(run: Run, result: Any) -> Any:
+    """``locate.cost``: the located scores per unit of what training each slice costs on generic text."""
+    option = CostOption.from_raw(run.recipe.locate.cost, run.recipe.path.parent, str(run.recipe.path))
+    texts = option.load_texts()
+    run.log(f"      cost: slice_fisher on {len(texts)} texts of {option.texts.name}, penalty {option.penalty:g}")
+    kinds = [k for k in ("heads", "neurons") if k in result.scores]
+    cost = slice_fisher(
+        run.model, run.tokenizer, texts, components=kinds, max_length=option.max_length,
+        batch_size=run.recipe.locate.batch_size,
+    )  # fmt: skip
+    cost.save(run.out / "localization_cost")
+    return per_cost(result, cost, penalty=option.penalty)
 
 
 def _json_safe(value: Any) -> Any:

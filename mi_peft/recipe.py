@@ -27,6 +27,7 @@ class LocateSection:
     components: tuple[str, ...] = ("heads", "neurons", "residual")
     positions: str | None = None  # None: the method's default ("all" for weight_gradient, else "last")
     options: dict[str, Any] | None = None  # method options passed to locate(), e.g. {norm: l2} or {min_prob: 0.05}
+    cost: dict[str, Any] | None = None  # gain per unit of cost on generic text (mi_peft.locate_cost_option)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .data_files import read_rows
+from .locate_cost_option import CostOption
 from .precision import check_precision
 
 if TYPE_CHECKING:
@@ -86,6 +87,10 @@ def check_recipe(recipe: Recipe, source: Path) -> None:
             f"got {recipe.locate.options!r}."
         )
     _check_locate_method(recipe, source)
+    if recipe.locate.cost is not None:
+        CostOption.from_raw(recipe.locate.cost, recipe.path.parent, str(source))
+        if not {"heads", "neurons"} & set(recipe.locate.components):
+            raise ValueError(f"{source}: `locate.cost` divides head and neuron scores; locate heads or neurons too.")
     for where, layers in (("steer.layers", recipe.steer.layers), ("train.layers", recipe.train.layers)):
         try:
             parse_layers(layers)

@@ -84,6 +84,9 @@ TINY = {
 }
 
 
+COST = "{texts: %s, n_texts: 4, penalty: 2.0, max_length: 32}" % (RECIPES / "data" / "general" / "wikitext2_valid.txt")
+
+
 def _tiny_copy(name: str, tmp_path: Path) -> Path:
     """The shipped recipe with absolute data paths and every size cut to a few items."""
     raw = yaml.safe_load((RECIPES / name).read_text())
@@ -93,6 +96,9 @@ def _tiny_copy(name: str, tmp_path: Path) -> Path:
     for section, values in TINY.items():
         raw[section] = {**raw.get(section, {}), **values}
     raw["steer"]["alphas"] = raw["steer"]["alphas"][:2]
+    if raw["locate"].get("cost"):
+        cost = raw["locate"]["cost"]
+        raw["locate"]["cost"] = {**cost, "texts": str(RECIPES / cost["texts"]), "n_texts": 4, "max_length": 32}
     if "sae" in raw["steer"]:  # a small SAE: the recipe's own trains on 40,000 activations
         sae = raw["steer"]["sae"]
         raw["steer"]["sae"] = {**sae, "d_sae": 256, "k": 8, "tokens": 2048, "epochs": 1, "alphas": sae["alphas"][:2]}
@@ -109,11 +115,21 @@ def test_every_shipped_recipe_runs(tmp_path, name):
     out = tmp_path / "run"
     options = {
         "language_gradient.yaml": ["--set", "locate.options={norm: l2, negative_weight: 0}"],
-        "refusal_gradient.yaml": ["--set", "train.layers=3-5", "--set", "data.dpo=null"],
+        "refusal_gradient.yaml": [
+            "--set",
+            "train.layers=3-5",
+            "--set",
+            "data.dpo=null",
+            "--set",
+            f"locate.cost={COST}",
+        ],
     }.get(name, [])
     assert main(["run", str(_tiny_copy(name, tmp_path)), "--out", str(out), *options]) == 0
     if name == "refusal_gradient.yaml":  # DPO rows (TRL conversational) as triples; every budgeted variant in 3-5
-        assert LocalizationResult.load(out / "localization").method == "weight_gradient"
+        localization, cost = (LocalizationResult.load(out / name) for name in ("localization", "localization_cost"))
+        assert localization.method == "weight_gradient" and cost.method == "slice_fisher"
+        assert cost.extra["n_texts"] == 4 and localization.extra["cost"]["penalty"] == 2.0
+        assert localization.extra["cost"]["data_hash"] == cost.data_hash
         for variant in ("located", "random", "lora_matched"):
             config = json.loads((out / "adapters" / f"{variant}_sft_b0.0005_s0" / "adapter_config.json").read_text())
             layers = {int(k) for k in (config.get("neurons") or {})} | {int(k) for k in (config.get("heads") or {})}

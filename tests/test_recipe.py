@@ -222,3 +222,30 @@ def test_recipe_records_name_files_relative_to_the_working_directory(tmp_path, m
     assert record["sft"] == str(Path("recipes", "data", "refusal", "sft_train.jsonl"))
     monkeypatch.chdir(tmp_path)  # outside the working directory a path stays absolute, never wrong
     assert Path(load_recipe(repo / "recipes" / "refusal.yaml").to_dict()["path"]) == repo / "recipes" / "refusal.yaml"
+
+
+def test_locate_cost_is_checked_at_load_and_loads_its_texts(tmp_path):
+    from mi_peft.locate_cost_option import CostOption
+
+    (tmp_path / "generic.txt").write_text("= Heading =\n\nFirst paragraph.\nSecond paragraph.\n")
+    raw = _base()
+    raw["locate"] = {"components": ["neurons"], "cost": {"texts": "generic.txt", "n_texts": 2, "penalty": 0.5}}
+    recipe = load_recipe(_write(tmp_path, raw))
+    option = CostOption.from_raw(recipe.locate.cost, recipe.path.parent, "r.yaml")
+    assert option.texts == (tmp_path / "generic.txt").resolve() and option.penalty == 0.5
+    assert option.load_texts() == ["First paragraph.", "Second paragraph."]  # the heading is not a text
+    with pytest.raises(ValueError, match=r"`locate.cost.n_texts` is 3 but generic.txt holds 2 texts"):
+        CostOption.from_raw({"texts": "generic.txt", "n_texts": 3}, tmp_path, "r.yaml").load_texts()
+    bad = {
+        "locate.cost={n_texts: 4}": r"`locate.cost` is a mapping with `texts`",
+        "locate.cost={texts: generic.txt, weight: 2}": r"`locate.cost` is a mapping with `texts`",
+        "locate.cost={texts: generic.txt, penalty: -1}": r"`locate.cost.penalty` must be a finite number >= 0",
+        "locate.cost={texts: generic.txt, n_texts: 0}": r"`locate.cost.n_texts` must be a positive integer",
+        "locate.components=[residual]": r"`locate.cost` divides head and neuron scores",
+    }
+    path = _write(tmp_path, raw)
+    for setting, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            load_recipe(path, [setting])
+    with pytest.raises(FileNotFoundError, match=r"`locate.cost.texts` points to .*missing.txt"):
+        load_recipe(path, ["locate.cost={texts: missing.txt}"])

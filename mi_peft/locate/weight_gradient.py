@@ -8,12 +8,6 @@ so the score ranks components by what *training* them can change, not by what th
 (``grad_x_act``, ``attribution_patching``). A neuron that never fires where the metric is decided gets
 no gradient, however strongly it separates the classes. With ``metric="logprob"`` on completion pairs
 this is the gradient of the SFT loss on the positive completions, minus that on the negative ones.
-
-The gradient grows with how strongly a component fires, so a neuron that fires on most text ranks high
-for almost any metric, and training it changes most text. ``activation_penalty`` divides each score by
-``1 + penalty * rms_c / median(rms)``, where ``rms_c`` is the root-mean-square input of the component's
-slice over the scored tokens: a step on the slice moves the residual stream by ``x_c(t) * dW_c``, so
-``rms_c`` is what the step costs on every token it touches, and the ratio ranks by gain per side effect.
 """
 
 from __future__ import annotations
@@ -82,13 +76,10 @@ def projection_io(model: nn.Module, kinds: Sequence[str]) -> Iterator[dict[tuple
 
 def _side_gradient(
     model: nn.Module, batch: Batch, kinds: Sequence[str], positions: Positions, plan: LogitsPlan
-) -> tuple[dict[str, Tensor], dict[str, Tensor], int, Tensor]:
-    """d sum(metric) / d slice for every component of ``kinds`` (heads ``[L, H, d_head, D]``, neurons
-    ``[L, N, D]``), each component's summed squared input ``[L, H]`` / ``[L, N]`` over the scored real
-    tokens, their count, and the metric per row."""
+) -> tuple[dict[str, Tensor], Tensor]:
+    """d sum(metric) / d slice for every component of ``kinds``: heads ``[L, H, d_head, D]``, neurons ``[L, N, D]``."""
     spec = spec_for(model)
     where = position_index(positions, batch["attention_mask"])
-    real = torch.gather(batch["attention_mask"], 1, where).float()
     with torch.enable_grad(), projection_io(model, kinds) as store:
         out = run_model(model, batch, **plan.kwargs())
         plan.observe(out.logits, batch)
@@ -96,7 +87,6 @@ def _side_gradient(
         keys = sorted(store)
         grads = torch.autograd.grad(value.sum(), [store[k][1] for k in keys], allow_unused=True)
     per_kind: dict[str, list[Tensor]] = {kind: [] for kind in kinds}
-    sumsq: dict[str, list[Tensor]] = {kind: [] for kind in kinds}
     for key, g in zip(keys, grads, strict=True):
         kind, (x, leaf) = key[0], store[key]
         g = torch.zeros_like(leaf) if g is None else g
@@ -105,12 +95,9 @@ def _side_gradient(
         if kind == "heads":
             x = x.unflatten(-1, (spec.n_heads, spec.head_dim))
             per_kind[kind].append(torch.einsum("bkhe,bkd->hed", x, g))
-            sumsq[kind].append(torch.einsum("bkhe,bk->h", x.square(), real))
         else:
             per_kind[kind].append(torch.einsum("bkn,bkd->nd", x, g))
-            sumsq[kind].append(torch.einsum("bkn,bk->n", x.square(), real))
-    stack = {kind: torch.stack(v) for kind, v in per_kind.items()}
-    return stack, {kind: torch.stack(v) for kind, v in sumsq.items()}, int(real.sum()), value.detach()
+    return {kind: torch.stack(v) for kind, v in per_kind.items()}, value.detach()
 
 
 def weight_gradient(
@@ -122,7 +109,6 @@ def weight_gradient(
     positions: Positions = "all",
     negative_weight: float = 1.0,
     norm: str = "l1",
-    activation_penalty: float = 0.0,
     progress: bool = False,
 ) -> MethodOutput:
     """Score = ``|| d/dW_c [mean metric(positive) - negative_weight * mean metric(negative)] ||`` per component.
@@ -132,27 +118,28 @@ def weight_gradient(
     (default) is the first-order gain of one Adam-like step, which moves every coordinate by about the
     learning rate; ``"l2"`` that of one gradient-descent step. ``negative_weight=0`` scores the positive side
     alone (the SFT loss on positive completions). ``positions`` limits the tokens whose gradient counts.
-    ``activation_penalty > 0`` divides each score by ``1 + activation_penalty * rms_c / median(rms)`` (the
-    module docstring says why); 0 (default) leaves the gradient norm as it is.
     """
-    _check_options(components, norm, negative_weight, activation_penalty)
+    bad = [k for k in components if k not in KINDS]
+    if bad:
+        raise ValueError(
+            f"weight_gradient scores the trainable slices of heads and neurons; {bad} have none. "
+            f"Pass components={KINDS} or a subset."
+        )
+    if norm not in NORMS:
+        raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}.")
+    if isinstance(negative_weight, bool) or not isinstance(negative_weight, (int, float)) or negative_weight < 0:
+        raise ValueError(f"`negative_weight` must be a number >= 0, got {negative_weight!r}.")
     plan = LogitsPlan(model, metric)
     device = model_device(model)
     totals: dict[str, dict[str, Any]] = {side: {"n": 0, "metric": 0.0, "grad": {}} for side in ("positive", "negative")}
-    sumsq: dict[str, Tensor] = {}
-    n_tokens = 0
     sides = ("positive", "negative") if negative_weight else ("positive",)
     with eval_mode(model, freeze=True), _bar(len(batches) * len(sides), progress, "weight_gradient") as bar:
         for pair in batches:
             for side, batch in zip(sides, pair, strict=False):
-                grads, squares, tokens, value = _side_gradient(
-                    model, to_device(batch, device), components, positions, plan
-                )
+                grads, value = _side_gradient(model, to_device(batch, device), components, positions, plan)
                 acc = totals[side]
                 for kind, g in grads.items():
                     acc["grad"][kind] = g if kind not in acc["grad"] else acc["grad"][kind] + g
-                    sumsq[kind] = squares[kind] if kind not in sumsq else sumsq[kind] + squares[kind]
-                n_tokens += tokens
                 acc["n"] += value.shape[0]
                 acc["metric"] += float(value.sum())
                 bar.update(1)
@@ -162,8 +149,7 @@ def weight_gradient(
         if negative_weight:
             g = g - negative_weight * totals["negative"]["grad"][kind] / totals["negative"]["n"]
         dims = (-2, -1) if kind == "heads" else (-1,)
-        score = g.abs().sum(dims) if norm == "l1" else g.square().sum(dims).sqrt()
-        scores[kind] = _penalised(score, sumsq[kind] / max(n_tokens, 1), activation_penalty).cpu()
+        scores[kind] = (g.abs().sum(dims) if norm == "l1" else g.square().sum(dims).sqrt()).cpu()
     if all(not bool(s.any()) for s in scores.values()):
         raise ValueError(
             f"every weight gradient is zero: the metric does not depend on the tokens at positions={positions!r} "
@@ -171,26 +157,3 @@ def weight_gradient(
         )
     extra = {side: t["metric"] / t["n"] for side, t in totals.items() if t["n"]}
     return scores, {f"metric_{side}": v for side, v in extra.items()}
-
-
-def _penalised(score: Tensor, mean_square: Tensor, penalty: float) -> Tensor:
-    """``score / (1 + penalty * rms / median(rms))``: gain per unit of change the slice makes on its tokens."""
-    if not penalty:
-        return score
-    rms = mean_square.sqrt()
-    scale = rms.median().clamp_min(torch.finfo(rms.dtype).tiny)
-    return score / (1.0 + penalty * rms / scale)
-
-
-def _check_options(components: Sequence[str], norm: str, negative_weight: Any, activation_penalty: Any) -> None:
-    bad = [k for k in components if k not in KINDS]
-    if bad:
-        raise ValueError(
-            f"weight_gradient scores the trainable slices of heads and neurons; {bad} have none. "
-            f"Pass components={KINDS} or a subset."
-        )
-    if norm not in NORMS:
-        raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}.")
-    for name, value in (("negative_weight", negative_weight), ("activation_penalty", activation_penalty)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
