@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -135,13 +136,4 @@ def per_cost(result: LocalizationResult, cost: LocalizationResult, penalty: floa
         scale = c.nanmedian().clamp_min(torch.finfo(c.dtype).tiny)
         scores[kind] = result.scores[kind] / (1.0 + penalty * c / scale)
     extra = {**result.extra, "cost": {"method": cost.method, "data_hash": cost.data_hash, "penalty": float(penalty)}}
-    return LocalizationResult(
-        scores=scores,
-        spec=result.spec,
-        method=result.method,
-        metric=result.metric,
-        model_fingerprint=result.model_fingerprint,
-        data_hash=result.data_hash,
-        n_model_parameters=result.n_model_parameters,
-        extra=extra,
-    )
+    return dataclasses.replace(result, scores=scores, extra=extra)
