@@ -4,14 +4,17 @@ Greedy replies and log-likelihoods move with the library versions (attention ker
 dequantization), with the CPU class (``precision: auto`` trains under bfloat16 autocast only where the
 CPU or GPU has bfloat16 units) and with the exact base weights. A difference between two reports can be
 explained only when these are on record: equal ``weights_sha256`` and packages with different numbers
-point at the code; a different ``weights_sha256`` points at the model.
+point at the code (``source_commit`` names it in a git checkout); a different ``weights_sha256`` points
+at the model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import platform
+import subprocess
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,10 +52,29 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def source_commit() -> str | None:
+    """Git commit of the checkout this package runs from (``+dirty`` with uncommitted tracked changes).
+
+    ``None`` for an installed wheel or when git is unavailable: the package version stands for the code then.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        run = [["git", "-C", str(root), *args] for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "-uno"])]
+        commit, changes = (
+            subprocess.run(a, capture_output=True, text=True, timeout=20, check=True).stdout for a in run
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.strip() + ("+dirty" if changes.strip() else "")
+
+
 def run_environment(model: nn.Module, precision: str = "auto") -> dict[str, Any]:
     """Library versions, machine, training precision and base-model identity of a run on ``model``."""
     cuda = torch.cuda.is_available()
     return {
+        "source_commit": source_commit(),
         "python": platform.python_version(),
         "packages": package_versions(),
         "platform": platform.platform(),

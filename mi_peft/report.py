@@ -347,6 +347,7 @@ def _environment_lines(env: dict[str, Any] | None) -> list[str]:
     return [
         "## Environment",
         "",
+        f"- source: git commit `{env.get('source_commit') or 'none (installed package)'}`",
         f"- packages: python {env['python']}, {packages}",
         f"- machine: {machine}, {env['torch_threads']} torch threads; training precision {env['train_precision']}",
         f"- base weights sha256: `{env['weights_sha256'][:16]}`",

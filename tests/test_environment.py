@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+from pathlib import Path
 
 import torch
 from conftest import make_tiny
@@ -37,3 +39,13 @@ def test_package_versions_and_run_environment():
     assert env["train_precision"] == "float32" and run_environment(model)["train_precision"] == resolve_precision()
     assert env["weights_sha256"] == weights_sha256(model) and env["model_fingerprint"] == model_fingerprint(model)
     assert env["torch_threads"] == torch.get_num_threads() and set(env["packages"]) >= {"transformers", "trl"}
+
+
+def test_source_commit_names_this_checkout():
+    repo = Path(__file__).resolve().parents[1]
+    env = run_environment(make_tiny("llama"))
+    if (repo / ".git").exists():  # a checkout (CI clones one): the commit git reports, "+dirty" with changes
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert env["source_commit"].removesuffix("+dirty") == head.strip() and len(head.strip()) == 40
+    else:  # an unpacked sdist: no commit to name
+        assert env["source_commit"] is None
