@@ -36,14 +36,16 @@ class CostOption:
         texts = (base / str(raw["texts"])).resolve()
         if not texts.is_file():
             raise FileNotFoundError(f"{where}: `locate.cost.texts` points to {texts}, which is not a file.")
+        from .data import check_positive
+        from .locate.cost import check_penalty
+
         option = cls(texts, **{k: raw[k] for k in FIELDS[1:] if k in raw})
-        for name in ("n_texts", "max_length"):
-            value = getattr(option, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: `locate.cost.{name}` must be a positive integer, got {value!r}.")
-        p = option.penalty
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < float("inf"):
-            raise ValueError(f"{where}: `locate.cost.penalty` must be a finite number >= 0, got {p!r}.")
+        try:
+            for name in ("n_texts", "max_length"):
+                check_positive(getattr(option, name), f"locate.cost.{name}")
+            check_penalty(option.penalty, "locate.cost.penalty")
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         return option
 
     def load_texts(self) -> list[str]:

@@ -110,14 +110,20 @@ def _per_text_squares(model: nn.Module, batch: dict[str, Tensor], kinds: Sequenc
     return {kind: torch.stack(rows) for kind, rows in out.items()}
 
 
+def check_penalty(penalty: Any, name: str = "penalty") -> float:
+    """``penalty`` if it is a finite number >= 0 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty < float("inf"):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {penalty!r}.")
+    return penalty
+
+
 def per_cost(result: LocalizationResult, cost: LocalizationResult, penalty: float = 1.0) -> LocalizationResult:
     """``result`` with each score divided by ``1 + penalty * cost / median(cost)`` (per kind; see the module docs).
 
     ``cost`` must come from the same model (fingerprint checked) and score every selectable kind of
     ``result``; a component the cost did not score (NaN) stays unscored. ``penalty=0`` returns equal scores.
     """
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty < float("inf"):
-        raise ValueError(f"`penalty` must be a finite number >= 0, got {penalty!r}.")
+    check_penalty(penalty)
     fingerprints = (result.model_fingerprint, cost.model_fingerprint)
     if all(fingerprints) and not fingerprints_match(*fingerprints):
         raise ValueError("the cost result was scored on another model than the result; compute both on the same model.")
