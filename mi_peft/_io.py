@@ -44,6 +44,20 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], Non
     return target
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to the file ``path`` through a temporary file beside it: a killed write leaves the old file."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def _check_replaceable(target: Path, produced: set[str]) -> None:
     """Refuse to replace a folder that holds entries the new write did not produce."""
     if not target.is_dir():

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .scoring import is_missing
-from .stats import intervals_overlap, mean_std, newcombe_difference, wilson_interval
+from .stats import combination_interval, intervals_overlap, mean_std, wilson_interval
 
 RATES = ("target", "side")
 AVERAGED = (
@@ -85,17 +85,33 @@ def _interval(row: dict[str, Any], key: str) -> tuple[float, float] | None:
     return row[f"{key}_low"], row[f"{key}_high"]
 
 
+def _counted(row: dict[str, Any], key: str) -> bool:
+    return bool(row.get(f"{key}_n")) and not is_missing(row.get(key))
+
+
+def _combination(terms: Sequence[tuple[dict[str, Any], str, float]]) -> tuple[float, float] | None:
+    """95% MOVER interval of ``sum(weight * row[key])`` from the pooled counts (``None`` without counts)."""
+    if not all(_counted(row, key) for row, key, _ in terms):
+        return None
+    _, low, high = combination_interval([(_successes(row, key), int(row[f"{key}_n"]), w) for row, key, w in terms])
+    return low, high
+
+
 def _difference(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, float] | None:
     """95% Newcombe interval of ``a[key] - b[key]`` from the pooled counts (``None`` without counts)."""
-    if not a.get(f"{key}_n") or not b.get(f"{key}_n") or is_missing(a.get(key)) or is_missing(b.get(key)):
-        return None
-    _, low, high = newcombe_difference(_successes(a, key), int(a[f"{key}_n"]), _successes(b, key), int(b[f"{key}_n"]))
-    return low, high
+    return _combination([(a, key, 1.0), (b, key, -1.0)])
 
 
 def _net(row: dict[str, Any]) -> float:
     """Target minus side (side counts 0 where the recipe has none)."""
     return row["target"] - (0.0 if is_missing(row.get("side")) else row["side"])
+
+
+def _net_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
+    """95% interval of ``_net(a) - _net(b)``: the four rates' MOVER interval (target only where neither has a side)."""
+    if not _counted(a, "side") and not _counted(b, "side"):
+        return _difference(a, b, "target")
+    return _combination([(a, "target", 1.0), (a, "side", -1.0), (b, "target", -1.0), (b, "side", 1.0)])
 
 
 def _versus_random(located: dict[str, Any], random: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +125,7 @@ def _versus_random(located: dict[str, Any], random: dict[str, Any]) -> dict[str,
             if is_missing(located.get("side")) or is_missing(random.get("side"))
             else located["side"] - random["side"]
         ),
+        "side_change_interval": _difference(located, random, "side"),
         "separated_from_random": None if a is None or b is None else not intervals_overlap(a, b),
     }
 
@@ -127,13 +144,18 @@ def _preference_methods(summary: Sequence[dict[str, Any]], located: dict[str, An
         )
     chain = _find(summary, "located", "sft+dpo", budget)
     if chain is not None:
-        out.update(sft_dpo_net=_net(chain), sft_dpo_net_gain_over_sft=_net(chain) - _net(located))
+        out.update(
+            sft_dpo_net=_net(chain),
+            sft_dpo_net_gain_over_sft=_net(chain) - _net(located),
+            sft_dpo_net_gain_interval=_net_difference(chain, located),
+        )
     return out
 
 
 def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per budget: located vs random (target, side, separated intervals, interval of the difference),
-    located vs matched LoRA (net), and sparse DPO / SFT->DPO where they were trained at that budget."""
+    """Per budget: located vs random (target, side, separated intervals, intervals of the differences),
+    located vs matched LoRA (target minus side, with its interval), and sparse DPO / SFT->DPO where they
+    were trained at that budget."""
     out = []
     budgets = list(dict.fromkeys(r.get("budget") for r in summary if r.get("adapter") == "located"))
     for budget in budgets:
@@ -146,7 +168,11 @@ def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             verdict.update(_versus_random(located, random))
         lora = _find(summary, "lora_matched", "sft", budget)
         if lora is not None:
-            verdict.update(lora_net=_net(lora), net_gain_over_matched_lora=_net(located) - _net(lora))
+            verdict.update(
+                lora_net=_net(lora),
+                net_gain_over_matched_lora=_net(located) - _net(lora),
+                net_gain_interval=_net_difference(located, lora),
+            )
         verdict.update(_preference_methods(summary, located, budget))
         out.append(verdict)
     return out

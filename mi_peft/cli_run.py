@@ -39,8 +39,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report_refresh import refresh_report
+
+    print(f"wrote {refresh_report(args.out)}")
+    return 0
+
+
 def add_run_parser(sub: Any) -> None:
-    """Register ``mi-peft run`` on the CLI's sub-parsers."""
+    """Register ``mi-peft run`` and ``mi-peft report`` on the CLI's sub-parsers."""
     run = sub.add_parser("run", help="Run a whole recipe: locate, validate, steer, train, evaluate, report.")
     run.add_argument("recipe", help="A shipped recipe name (e.g. refusal) or a recipe YAML path.")
     run.add_argument("--out", help="Output folder (default runs/<recipe name>).")
@@ -76,3 +83,10 @@ def add_run_parser(sub: Any) -> None:
         help="Override one recipe field, e.g. --set evaluate.piqa_n=32 (repeatable).",
     )
     run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser(
+        "report",
+        help="Rewrite a finished run's report.md, plots and verdicts with this version's report code (no training).",
+    )
+    report.add_argument("out", help="The --out folder of a finished `mi-peft run` (holds results.json).")
+    report.set_defaults(func=cmd_report)

@@ -19,6 +19,7 @@ from typing import Any
 from peft import get_peft_model
 
 from . import variants as variant_plan
+from ._io import write_text_atomically
 from .aggregate import summarize_runs, verdicts
 from .data import ContrastivePairs
 from .environment import run_environment
@@ -265,7 +266,7 @@ def run_recipe(
         "environment": environment,
     }
     write_report(out, results, result)
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))
+    write_text_atomically(out / "results.json", json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))
     return results
 
 

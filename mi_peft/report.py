@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ._io import write_text_atomically  # noqa: E402
+
 TABLE_COLUMNS = (
     ("variant", "variant", "{}"),
     ("trainable_pct", "trainable %", "{:.4f}"),
@@ -175,11 +177,14 @@ def _budget_verdict_line(v: dict[str, Any]) -> str:
             f"{_interval_text(v.get('target_gain_interval'))}, {separated[v['separated_from_random']]})"
         )
         if v.get("side_change_over_random") is not None:
-            text += f", side effect {v['side_change_over_random']:+.1%} vs random"
+            text += (
+                f", side effect {v['side_change_over_random']:+.1%}{_interval_text(v.get('side_change_interval'))}"
+                " vs random"
+            )
     if "lora_net" in v:
         text += (
             f"; target minus side {v['located_net']:+.1%} vs matched LoRA {v['lora_net']:+.1%} "
-            f"({v['net_gain_over_matched_lora']:+.1%})"
+            f"({v['net_gain_over_matched_lora']:+.1%}{_interval_text(v.get('net_gain_interval'))})"
         )
     return text + "."
 
@@ -195,7 +200,8 @@ def _preference_lines(v: dict[str, Any]) -> list[str]:
     if "sft_dpo_net" in v:
         lines.append(
             f"- budget {v['budget']:g}: SFT->DPO target minus side {v['sft_dpo_net']:+.1%} vs SFT alone "
-            f"{v['located_net']:+.1%} ({v['sft_dpo_net_gain_over_sft']:+.1%})."
+            f"{v['located_net']:+.1%} ({v['sft_dpo_net_gain_over_sft']:+.1%}"
+            f"{_interval_text(v.get('sft_dpo_net_gain_interval'))})."
         )
     return lines
 
@@ -206,7 +212,8 @@ def _verdict_lines(verdicts: list[dict[str, Any]], seeds: int) -> list[str]:
     if lines:
         lines.append(
             f"\nRates pool {seeds} seed(s) x the held-out prompts for each 95% Wilson interval; ± is the standard "
-            "deviation across seeds; the interval of a difference is Newcombe's (from the two Wilson intervals)."
+            "deviation across seeds; the interval of a difference is Newcombe's (from the two Wilson intervals), that of a "
+            "difference in target minus side the MOVER interval of the four rates (Zou & Donner 2008)."
         )
     return lines
 
@@ -334,7 +341,7 @@ def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
     lines += ["## Timings (s)", "", *[f"- {k}: {v:.1f}" for k, v in results["timings"].items()], ""]
     lines += _environment_lines(results.get("environment"))
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text_atomically(path, "\n".join(lines))
     return path
 
 

@@ -1,4 +1,5 @@
-"""Small-sample statistics for evaluation numbers: Wilson intervals, mean and spread, interval overlap.
+"""Small-sample statistics for evaluation numbers: Wilson intervals, differences and sums of rates, mean
+and spread, interval overlap.
 
 Evaluation sets here are small (tens to hundreds of items), so a rate such as 0.85 means little without
 its uncertainty. The Wilson score interval stays inside [0, 1] and keeps a sensible width at 0 or n
@@ -99,15 +100,49 @@ def newcombe_difference(
 
     Built from each rate's Wilson interval (Newcombe 1998, method 10), so it stays sensible near 0 and 1
     where the Wald difference interval fails. It treats the samples as independent; for two variants
-    judged on the same prompts (positively correlated outcomes) it is conservative.
+    judged on the same prompts (positively correlated outcomes) it is conservative. It is
+    :func:`combination_interval` with weights ``+1`` and ``-1``.
 
     Example:
         >>> newcombe_difference(56, 70, 48, 80)  # (0.2, 0.0524, 0.3339)
     """
-    low_a, high_a = wilson_interval(successes_a, n_a, confidence)
-    low_b, high_b = wilson_interval(successes_b, n_b, confidence)
-    p_a, p_b = successes_a / n_a, successes_b / n_b
-    difference = p_a - p_b
-    low = difference - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2)
-    high = difference + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2)
-    return difference, low, high
+    return combination_interval([(successes_a, n_a, 1.0), (successes_b, n_b, -1.0)], confidence)
+
+
+def combination_interval(
+    terms: Sequence[tuple[int, int, float]], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """A weighted sum of independent rates ``sum(w * successes / n)`` with its MOVER interval: ``(value, low, high)``.
+
+    Each term is ``(successes, n, weight)``. The interval recovers each rate's variance from its Wilson
+    bounds (the method of variance estimates recovery, Zou & Donner 2008): with ``p`` the rate and
+    ``(l, u)`` its Wilson interval, the low bound subtracts ``sqrt(sum (w (p - l))^2)`` over positive
+    weights and ``(w (u - p))^2`` over negative ones, and the high bound mirrors it. One term gives the
+    Wilson interval scaled by its weight, two with weights ``+1, -1`` give Newcombe's difference, and
+    ``(target_a - side_a) - (target_b - side_b)`` (weights ``+1, -1, -1, +1``) compares two variants on
+    target minus side. Samples are treated as independent, which is conservative for variants judged on
+    the same prompts.
+
+    Raises:
+        ValueError: no terms, a term that is not a ``(successes, n, weight)`` triple, a weight that is not
+            a finite number, or counts :func:`wilson_interval` rejects.
+
+    Example:
+        >>> combination_interval([(90, 100, 1), (10, 100, -1)])  # (0.8, 0.6948, 0.8633)
+    """
+    if isinstance(terms, (str, bytes)) or not isinstance(terms, Sequence) or len(terms) == 0:
+        raise ValueError(f"`terms` must be a non-empty list of (successes, n, weight) triples, got {terms!r:.80}.")
+    value, low_sq, high_sq = 0.0, 0.0, 0.0
+    for i, term in enumerate(terms):
+        if isinstance(term, (str, bytes)) or not isinstance(term, Sequence) or len(term) != 3:
+            raise ValueError(f"`terms[{i}]` must be a (successes, n, weight) triple, got {term!r}.")
+        successes, n, weight = term
+        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight):
+            raise ValueError(f"`terms[{i}]` weight must be a finite number, got {weight!r}.")
+        low, high = wilson_interval(successes, n, confidence)
+        p = successes / n
+        below, above = (p - low, high - p) if weight >= 0 else (high - p, p - low)
+        value += weight * p
+        low_sq += (weight * below) ** 2
+        high_sq += (weight * above) ** 2
+    return value, value - math.sqrt(low_sq), value + math.sqrt(high_sq)

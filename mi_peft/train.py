@@ -8,6 +8,7 @@ and save the adapter plus the localization it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from datasets import Dataset, load_dataset
 from peft import PeftConfig, PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 
 from .checkpoints import resolve_checkpoint
 from .precision import resolve_precision
@@ -71,6 +72,14 @@ def check_columns(dataset: Dataset, formats: Sequence[Sequence[str]], trainer: s
         raise ValueError(f"{trainer} data needs columns {wanted}; the dataset has {sorted(have)}.")
 
 
+# transformers 5.25 renamed TrainingArguments.gradient_checkpointing (the old name warns); the floor (5.4) has only it
+_CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
+
+
 def _common_args(max_steps: int, learning_rate: float, batch_size: int, seed: int, precision: str) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
     bf16 = resolve_precision(precision) == "bfloat16"
@@ -88,9 +97,19 @@ def _common_args(max_steps: int, learning_rate: float, batch_size: int, seed: in
         # TRL's own default turns it on everywhere, and CPUs without such units run it ~15x slower
         bf16=bf16,
         disable_tqdm=False,
-        # small models train faster without recomputation; pass gradient_checkpointing=True for large ones
-        gradient_checkpointing=False,
     )
+
+
+def _checkpointing(user_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Recomputation off (TRL turns it on by default) unless the caller set it under either name.
+
+    Small models train faster without it; pass ``activation_checkpointing=True`` (or, before transformers
+    5.25, ``gradient_checkpointing=True``) for large ones. Setting the new name here while the caller set
+    the old one would make transformers ignore the caller's value.
+    """
+    if {"activation_checkpointing", "gradient_checkpointing"} & set(user_args):
+        return {}
+    return {_CHECKPOINTING: False}
 
 
 def _check_peft(model: PreTrainedModel | PeftModel, peft_config: PeftConfig | None) -> None:
@@ -221,6 +240,7 @@ def sft(
 
     common = {
         **_common_args(max_steps, learning_rate, batch_size, seed, precision),
+        **_checkpointing(sft_args),
         "max_length": max_length,
         **sft_args,
     }
@@ -267,6 +287,7 @@ def dpo(
 
     common = {
         **_common_args(max_steps, learning_rate, batch_size, seed, precision),
+        **_checkpointing(dpo_args),
         "beta": beta,
         "max_length": max_length,
     }

@@ -6,7 +6,7 @@ import pytest
 
 from mi_peft.aggregate import summarize, summarize_runs, verdicts
 from mi_peft.report import _LABELS, _metric_labels, _verdict_lines, comparison_table
-from mi_peft.stats import newcombe_difference, wilson_interval
+from mi_peft.stats import combination_interval, newcombe_difference, wilson_interval
 
 
 def _row(adapter, seed, target, side, budget=0.001, n=50):
@@ -81,7 +81,34 @@ def test_verdicts_carry_the_difference_interval_and_preference_methods():
     assert verdict["sft_dpo_net_gain_over_sft"] == pytest.approx(0.8 - 0.7)
     lines = _verdict_lines([verdict], seeds=3)
     assert any("sparse located DPO 50.0%" in line and "+48.0% from base" in line for line in lines)
-    assert any("SFT->DPO target minus side +80.0% vs SFT alone +70.0% (+10.0%)" in line for line in lines)
+    assert any("SFT->DPO target minus side +80.0% vs SFT alone +70.0% (+10.0% [95% CI" in line for line in lines)
+
+
+def test_net_and_side_differences_carry_their_intervals():
+    """Target minus side of located vs matched LoRA (and SFT->DPO vs SFT) gets the four-rate MOVER interval
+    from the pooled counts; the side change vs random gets Newcombe's."""
+    runs = [_row("located", s, 0.9, 0.1) for s in range(3)] + [_row("random", s, 0.6, 0.3) for s in range(3)]
+    runs += [_row("lora_matched", s, 0.8, 0.2) for s in range(3)]
+    runs += [{**_row("located", s, 0.84, 0.04), "method": "sft+dpo", "variant": "located SFT->DPO"} for s in range(3)]
+    (verdict,) = verdicts(summarize_runs(runs))
+    expected = combination_interval([(135, 150, 1), (15, 150, -1), (120, 150, -1), (30, 150, 1)])
+    assert verdict["net_gain_over_matched_lora"] == pytest.approx(expected[0]) == pytest.approx(0.2)
+    assert verdict["net_gain_interval"] == pytest.approx(expected[1:]) and expected[1] > 0
+    assert verdict["side_change_interval"] == pytest.approx(newcombe_difference(15, 150, 45, 150)[1:])
+    chain = combination_interval([(126, 150, 1), (6, 150, -1), (135, 150, -1), (15, 150, 1)])
+    assert verdict["sft_dpo_net_gain_interval"] == pytest.approx(chain[1:]) and chain[1] < 0 < chain[2]
+    lines = _verdict_lines([verdict], seeds=3)
+    net = f"(+20.0% [95% CI {expected[1]:+.1%}, {expected[2]:+.1%}])"
+    assert any(f"target minus side +80.0% vs matched LoRA +60.0% {net}" in line for line in lines)
+    assert any("side effect -20.0% [95% CI" in line and "vs random" in line for line in lines)
+    assert any("MOVER" in line for line in lines)
+
+
+def test_net_difference_without_side_counts_is_the_target_difference():
+    runs = [{**_row("located", s, 0.9, None), "side_n": 0} for s in range(3)]
+    runs += [{**_row("lora_matched", s, 0.7, None), "side_n": 0} for s in range(3)]
+    (verdict,) = verdicts(summarize_runs(runs))
+    assert verdict["net_gain_interval"] == pytest.approx(newcombe_difference(135, 150, 105, 150)[1:])
 
 
 def test_metric_labels_state_the_strict_target_judge():

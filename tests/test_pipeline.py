@@ -181,6 +181,25 @@ def test_budget_sweep_with_seeds_at_tiny_size(tmp_path):
     assert [v["budget"] for v in results["verdicts"]] == [0.0002, 0.0006]
     assert (out / "plots" / "budget_pareto.png").read_bytes()[:4] == b"\x89PNG"
 
+    # `mi-peft report` re-derives the verdicts and rewrites the same report from results.json alone
+    written = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    stripped = {k: v for k, v in results.items() if k != "verdicts"}
+    (out / "results.json").write_text(json.dumps(stripped))
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == written
+    assert json.loads((out / "results.json").read_text())["verdicts"] == results["verdicts"]
+
+
+def test_report_refresh_refuses_folders_that_are_not_finished_runs(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "results.json does not exist; pass the --out folder of a finished `mi-peft run`" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps({"recipe": {}, "variants": []}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "lacks ['localization', 'losses', 'steering', 'timings', 'validation']" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text()) == {"recipe": {}, "variants": []}
+    assert not (tmp_path / "report.md").exists()
+
 
 def test_bad_budgets_fail_before_any_model_loads(tmp_path, monkeypatch):
     import mi_peft.pipeline as pipeline

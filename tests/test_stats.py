@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from mi_peft.stats import intervals_overlap, mean_std, newcombe_difference, wilson_interval
+from mi_peft.stats import combination_interval, intervals_overlap, mean_std, newcombe_difference, wilson_interval
 
 # Published Wilson score intervals (95%). Newcombe (1998), "Two-sided confidence intervals for the single
 # proportion: comparison of seven methods", Stat. Med. 17:857-872, Table I, method 3 (score, no continuity
@@ -134,3 +134,40 @@ def test_newcombe_difference_is_antisymmetric_and_checks_counts():
     assert (d, low, high) == pytest.approx((-mirrored[0], -mirrored[2], -mirrored[1]))
     with pytest.raises(ValueError, match="between 0 and n"):
         newcombe_difference(11, 10, 3, 10)
+
+
+def test_combination_of_one_or_two_rates_is_wilson_or_newcombe():
+    assert combination_interval([(8, 10, 1.0)]) == pytest.approx((0.8, *wilson_interval(8, 10)))
+    low, high = wilson_interval(8, 10)
+    assert combination_interval([(8, 10, -2.0)]) == pytest.approx((-1.6, -2 * high, -2 * low))
+    for a, n_a, b, n_b in [(56, 70, 48, 80), (9, 10, 3, 10), (5, 56, 0, 29)]:
+        assert combination_interval([(a, n_a, 1), (b, n_b, -1)]) == pytest.approx(newcombe_difference(a, n_a, b, n_b))
+
+
+# Worked by hand with z = 1.959964. Wilson(90/100) = (0.825643, 0.944779), Wilson(10/100) = (0.055229, 0.174365):
+#   90/100 - 10/100: low  = 0.8 - sqrt((0.9 - 0.825643)^2 + (0.174365 - 0.1)^2) = 0.8 - 0.105163 = 0.694837
+#                    high = 0.8 + sqrt((0.944779 - 0.9)^2 + (0.1 - 0.055229)^2) = 0.8 + 0.063318 = 0.863318
+# Wilson(80/100) = (0.711171, 0.866633), Wilson(20/100) = (0.133367, 0.288829); the net difference
+#   (90/100 - 10/100) - (80/100 - 20/100) = 0.2 with weights +1, -1, -1, +1:
+#   low  = 0.2 - sqrt(0.074357^2 + 0.074365^2 + 0.066633^2 + 0.066633^2) = 0.2 - 0.141206 = 0.058794
+#   high = 0.2 + sqrt(0.044779^2 + 0.044771^2 + 0.088829^2 + 0.088829^2) = 0.2 + 0.140680 = 0.340680
+def test_combination_interval_matches_hand_computed_values():
+    assert combination_interval([(90, 100, 1), (10, 100, -1)]) == pytest.approx((0.8, 0.694837, 0.863318), abs=1e-5)
+    net = combination_interval([(90, 100, 1), (10, 100, -1), (80, 100, -1), (20, 100, 1)])
+    assert net == pytest.approx((0.2, 0.058794, 0.340680), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("terms", "message"),
+    [
+        ([], "non-empty list"),
+        ("abc", "non-empty list"),
+        ([(1, 10)], r"terms\[0\]` must be a \(successes, n, weight\) triple"),
+        ([(1, 10, 1.0), (1, 10, float("nan"))], r"terms\[1\]` weight must be a finite number"),
+        ([(1, 10, True)], "weight must be a finite number"),
+        ([(11, 10, 1.0)], "between 0 and n"),
+    ],
+)
+def test_combination_interval_bad_input(terms, message):
+    with pytest.raises(ValueError, match=message):
+        combination_interval(terms)

@@ -160,3 +160,37 @@ def test_dpo_smoke_on_embedded_model(embedded, tmp_path):
     assert run.trainable_parameters == 36864 + 2 * 576
     assert any("rewards/margins" in row for row in run.log_history)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_recomputation_is_off_by_default_and_the_callers_choice_is_kept(tmp_path):
+    """TRL turns activation checkpointing on; mi-peft turns it off under the name this transformers reads,
+    with no deprecation warning, and a caller's `gradient_checkpointing=True` still takes effect."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        off = sft(
+            make_tiny("llama"),
+            word_tokenizer(),
+            SFT_ROWS,
+            SparseConfig(**CONFIG),
+            output_dir=tmp_path / "a",
+            max_steps=1,
+        )
+    assert not _recomputes(off.model)
+    assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
+    on = sft(
+        make_tiny("llama"),
+        word_tokenizer(),
+        SFT_ROWS,
+        SparseConfig(**CONFIG),
+        output_dir=tmp_path / "b",
+        max_steps=1,
+        gradient_checkpointing=True,
+    )
+    assert _recomputes(on.model)
+
+
+def _recomputes(model) -> bool:
+    base = model.get_base_model()
+    return getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing  # < 5.25: old name
