@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ._io import write_text_atomically  # noqa: E402
+from .locate.result import KINDS as LOCALIZATION_KINDS  # noqa: E402
+from .scoring import is_missing  # noqa: E402
 
 TABLE_COLUMNS = (
     ("variant", "variant", "{}"),
@@ -42,13 +43,13 @@ _LABELS = {
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if is_missing(value):
         return "-"
     if fmt != "rate":
         text = fmt.format(value)
     else:
         text = f"{value:.1%}"
-        if row.get(f"{key}_std") is not None and not math.isnan(row[f"{key}_std"]):
+        if not is_missing(row.get(f"{key}_std")):
             text += f" ±{row[f'{key}_std']:.1%}"
         if row.get(f"{key}_low") is not None:
             text += f" [{row[f'{key}_low']:.0%}, {row[f'{key}_high']:.0%}]"
@@ -82,7 +83,7 @@ def _plot_sweep(path: Path, steering: dict[str, Any], labels: tuple[str, str]) -
     alphas = [r["alpha"] for r in sweep]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(alphas, [r["target"] for r in sweep], "o-", label=labels[0])
-    if not all(math.isnan(r["side"]) for r in sweep):
+    if not all(is_missing(r.get("side")) for r in sweep):
         ax.plot(alphas, [r["side"] for r in sweep], "s--", label=labels[1])
     return _finish(
         fig, ax, path, "alpha (added to the residual stream)", "rate on validation prompts", "additive steering sweep"
@@ -110,8 +111,8 @@ def _plot_bars(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) 
     x = range(len(rows))
     target = [r["target"] for r in rows]
     ax.bar([i - 0.2 for i in x], target, width=0.4, label=labels[0], yerr=_errors(rows, "target"), capsize=2)
-    if not all(_missing(r.get("side")) for r in rows):
-        side = [0.0 if _missing(r.get("side")) else r["side"] for r in rows]
+    if not all(is_missing(r.get("side")) for r in rows):
+        side = [0.0 if is_missing(r.get("side")) else r["side"] for r in rows]
         ax.bar([i + 0.2 for i in x], side, width=0.4, label=labels[1], yerr=_errors(rows, "side"), capsize=2)
     ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
@@ -134,7 +135,7 @@ def _plot_pareto(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]
                 (r for r in rows if r.get("adapter") == adapter and r.get("method") == "sft"),
                 key=lambda r: r["trainable_pct"],
             )
-            if series and not all(_missing(r.get(key)) for r in series):
+            if series and not all(is_missing(r.get(key)) for r in series):
                 axis.errorbar(
                     [r["trainable_pct"] for r in series],
                     [r[key] for r in series],
@@ -158,10 +159,6 @@ def _plot_pareto(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _interval_text(interval: Any) -> str:
@@ -192,7 +189,7 @@ def _budget_verdict_line(v: dict[str, Any]) -> str:
 def _preference_lines(v: dict[str, Any]) -> list[str]:
     lines = []
     if "dpo_gain_over_base" in v:
-        side = "" if _missing(v.get("dpo_side")) else f", side {v['dpo_side']:.1%}"
+        side = "" if is_missing(v.get("dpo_side")) else f", side {v['dpo_side']:.1%}"
         lines.append(
             f"- budget {v['budget']:g}: sparse located DPO {v['dpo_target']:.1%}{side}: "
             f"{v['dpo_gain_over_base']:+.1%} from base{_interval_text(v.get('dpo_gain_interval'))}."
@@ -278,12 +275,23 @@ def _metric_labels(evaluate: dict[str, Any]) -> tuple[str, str]:
     return target, side
 
 
-def write_report(out: Path, results: dict[str, Any], localization: Any) -> Path:
-    """Write plots and ``report.md`` for a finished run; return the report path."""
+def _localization_plots(plots: Path, localization: Any) -> list[Path]:
+    """The localization's plots, drawn anew; without a localization (``None``), the ones an earlier write left."""
+    if localization is not None:
+        return localization.plot(plots)
+    return [plots / f"{kind}.png" for kind in LOCALIZATION_KINDS if (plots / f"{kind}.png").is_file()]
+
+
+def write_report(out: Path, results: dict[str, Any], localization: Any | None) -> Path:
+    """Write plots and ``report.md`` for a finished run; return the report path.
+
+    ``localization`` (a :class:`~mi_peft.locate.LocalizationResult`) draws the score plots; ``None`` keeps
+    those already in ``out/plots`` (a report refreshed from ``results.json`` alone).
+    """
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     labels = _metric_labels(results["recipe"]["evaluate"])
-    written = [p.relative_to(out) for p in localization.plot(plots)]
+    written = [p.relative_to(out) for p in _localization_plots(plots, localization)]
     written.append(_plot_sweep(plots / "steering_sweep.png", results["steering"], labels).relative_to(out))
     if any(results["losses"].values()):
         written.append(_plot_losses(plots / "training_loss.png", results["losses"]).relative_to(out))
@@ -351,10 +359,16 @@ def _environment_lines(env: dict[str, Any] | None) -> list[str]:
         return []
     packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v is not None)
     machine = env["gpu"] or f"CPU ({env['cpu_capability']}, bf16 units: {env['cpu_bf16_flag'] or 'none'})"
+    # a record from before the commit was kept has no `source_commit` key; None means an installed package
+    source = (
+        []
+        if "source_commit" not in env
+        else [f"- source: git commit `{env['source_commit'] or 'none (installed package)'}`"]
+    )
     return [
         "## Environment",
         "",
-        f"- source: git commit `{env.get('source_commit') or 'none (installed package)'}`",
+        *source,
         f"- packages: python {env['python']}, {packages}",
         f"- machine: {machine}, {env['torch_threads']} torch threads; training precision {env['train_precision']}",
         f"- base weights sha256: `{env['weights_sha256'][:16]}`",

@@ -36,15 +36,17 @@ def _load_results(out: Path) -> dict[str, Any]:
 def refresh_report(out: str | os.PathLike) -> Path:
     """Recompute ``verdicts`` in ``out/results.json`` and rewrite ``out/report.md`` and plots; return the report path.
 
+    The score plots are drawn from ``out/localization`` where the run's folder still has it; a copy of the
+    report without it (e.g. under ``docs/results``) keeps the score plots it has.
+
     Raises:
-        FileNotFoundError: ``out`` holds no ``results.json`` or no ``localization/`` folder.
+        FileNotFoundError: ``out`` holds no ``results.json``.
         ValueError: ``results.json`` is not a ``mi-peft run`` results file (nothing is written then).
     """
     out = Path(out)
     results = _load_results(out)
-    if not (out / "localization").is_dir():
-        raise FileNotFoundError(f"{out / 'localization'} does not exist; the run's saved LocalizationResult is needed.")
-    localization = LocalizationResult.load(out / "localization")
+    saved = out / "localization"
+    localization = LocalizationResult.load(saved) if saved.is_dir() else None
     results["verdicts"] = verdicts(results["variants"])
     report = write_report(out, results, localization)
     write_text_atomically(out / "results.json", json.dumps(results, indent=2, default=str, allow_nan=False))

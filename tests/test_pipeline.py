@@ -189,6 +189,12 @@ def test_budget_sweep_with_seeds_at_tiny_size(tmp_path):
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == written
     assert json.loads((out / "results.json").read_text())["verdicts"] == results["verdicts"]
+    # a copy without the saved localization (as under docs/results) keeps the score plots it has
+    import shutil
+
+    shutil.rmtree(out / "localization")
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == written and "![neurons](plots/neurons.png)" in written
 
 
 def test_report_refresh_refuses_folders_that_are_not_finished_runs(tmp_path, capsys):
