@@ -33,8 +33,8 @@ demo: $(STAMP)
 
 # The evidence run: SEEDS seeds x every variant at recipe size (40 SFT steps, 20 DPO steps, 100 + 100
 # held-out prompts) at two budgets, with side effects. About 50 minutes per seed on 2 CPU cores (plus
-# 10 for locate and steer); stop it at any time and run it again: --resume reads back every variant it
-# finished, so `make evidence SEEDS=2` after a 3-seed run (or the reverse) trains only what is missing.
+# 10 for locate and steer); stop it at any time and run it again: --resume reads back the located selection and
+# every variant it finished, so `make evidence SEEDS=2` after a 3-seed run (or the reverse) trains only what is missing.
 # docs/results/refusal-evidence was made by `make evidence` (3 seeds). A wider sweep:
 # make evidence BUDGETS=0.0001,0.0003,0.0013,0.005 (about twice as long).
 BUDGETS ?= 0.0003,0.0013

@@ -2,7 +2,9 @@
 
 The full evidence run trains dozens of variants for hours on a CPU. Each trained and scored variant
 writes its report row to ``<out>/finished/<variant folder>/row.json``; ``mi-peft run --resume`` reads
-those rows back instead of training again. A row counts only when it was written under the same
+those rows back instead of training again. The located selection (``<out>/localization``, minutes of
+gradients on a CPU) is read back the same way: ``<out>/finished/localization.key`` records the key it
+was saved under. A row counts only when it was written under the same
 recipe settings and mi-peft version (its key); a row from other settings is trained again, never
 mixed into the report. The key holds the settings that differ from mi-peft's defaults, so a new recipe
 field (with a default) keeps finished rows valid; a changed default needs a fresh ``--out``.
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._io import write_folder_atomically
+from ._io import write_folder_atomically, write_text_atomically
 from .recipe import Recipe
 
 # Settings that do not change how any one trained variant is trained or scored: how many variants run,
@@ -68,6 +70,22 @@ class FinishedRows:
         if saved.get("key") != self.key:
             return None
         return saved["row"], saved["losses"]
+
+    def localization(self) -> Any | None:
+        """The run's saved LocalizationResult when resuming and it was saved under the same key, else None."""
+        from .locate import LocalizationResult
+
+        key_file, saved = self.folder / "localization.key", self.folder.parent / "localization"
+        if not self.resume or not key_file.is_file() or key_file.read_text().strip() != self.key:
+            return None
+        return LocalizationResult.load(saved) if saved.is_dir() else None
+
+    def put_localization(self, result: Any) -> None:
+        """Save ``result`` as the run's ``localization`` folder, then record the key it was saved under."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "localization.key").unlink(missing_ok=True)  # a killed save must not leave a stale key
+        result.save(self.folder.parent / "localization")
+        write_text_atomically(self.folder / "localization.key", self.key)
 
     def put(self, name: str, row: dict[str, Any], losses: list[float]) -> None:
         """Save one finished variant's row (atomically: a killed run leaves the old row or none)."""

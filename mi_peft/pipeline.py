@@ -99,6 +99,10 @@ def _locate(run: Run) -> tuple[Any, ContrastivePairs, ContrastivePairs]:
     )
     train_pairs, val_pairs, _ = all_pairs.split(val=0.2, test=0.0, seed=recipe.seed)
     loc_pairs = train_pairs.subset(min(recipe.locate.pairs, len(train_pairs)), seed=recipe.seed)
+    saved = run.finished.localization()
+    if saved is not None:
+        run.log(f"[1/5] locate: {run.out / 'localization'} saved by an earlier run with the same settings, read back")
+        return saved, loc_pairs, val_pairs
     run.log(f"[1/5] locate: {recipe.locate.method} on {len(loc_pairs)} pairs")
     started = time.perf_counter()
     result = locate(
@@ -114,7 +118,7 @@ def _locate(run: Run) -> tuple[Any, ContrastivePairs, ContrastivePairs]:
     )
     if recipe.locate.cost is not None:
         result = _per_cost(run, result)
-    result.save(run.out / "localization")
+    run.finished.put_localization(result)
     run.timings["locate"] = time.perf_counter() - started
     return result, loc_pairs, val_pairs
 

@@ -227,6 +227,9 @@ def test_bad_budgets_fail_before_any_model_loads(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_resume_reads_back_finished_variants_and_retrains_stale_ones(tmp_path, monkeypatch):
     """`--resume` trains only what an earlier run into the same folder did not finish under the same settings."""
+    import torch
+
+    import mi_peft.pipeline as pipeline
     import mi_peft.variants as variants
 
     raw = {**SHORT, "model": str(tiny_llama_with_real_tokenizer(tmp_path / "tiny")), "name": "resume"}
@@ -235,21 +238,27 @@ def test_resume_reads_back_finished_variants_and_retrains_stale_ones(tmp_path, m
     raw["data"] = {k: v for k, v in SHORT["data"].items() if k != "dpo"}
     recipe = tmp_path / "resume.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    out, trained = tmp_path / "run", []
-    real_train = variants.train
+    out, trained, located = tmp_path / "run", [], []
+    real_train, real_locate = variants.train, pipeline.locate
     monkeypatch.setattr(variants, "train", lambda v, *a, **k: trained.append((v.slug, a[-1])) or real_train(v, *a, **k))
+    monkeypatch.setattr(pipeline, "locate", lambda *a, **k: located.append(1) or real_locate(*a, **k))
 
     def run(*extra):
-        trained.clear()
+        trained.clear(), located.clear()
         assert main(["run", str(recipe), "--out", str(out), *extra]) == 0
         return json.loads((out / "results.json").read_text())["runs"]
 
     first = run("--seeds", "1")
-    assert trained == [("located_sft_b0.0005", 0), ("random_sft_b0.0005", 0)]
+    assert trained == [("located_sft_b0.0005", 0), ("random_sft_b0.0005", 0)] and located == [1]
+    scores = LocalizationResult.load(out / "localization").scores
     second = run("--seeds", "2", "--resume")
     assert trained == [("located_sft_b0.0005", 1), ("random_sft_b0.0005", 1)]  # seed 0 was read back, not retrained
+    assert located == []  # the saved localization was read back too
     assert second[:2] == first  # the read-back rows are the saved rows, column for column
+    assert second[2]["trainable_params"] == first[0]["trainable_params"]  # same located selection for seed 1
     run("--seeds", "2")  # without --resume everything trains again
-    assert len(trained) == 4
-    run("--seeds", "2", "--resume", "--steps", "2")  # other settings: the saved rows are stale
-    assert len(trained) == 4
+    assert len(trained) == 4 and located == [1]
+    run("--seeds", "2", "--resume", "--steps", "2")  # other settings: the saved rows and localization are stale
+    assert len(trained) == 4 and located == [1]
+    reloaded = LocalizationResult.load(out / "localization").scores
+    assert all(torch.equal(reloaded[kind], scores[kind]) for kind in scores)  # same settings of locate: same scores
