@@ -19,12 +19,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FLOOR_PACKAGES = ("peft", "transformers", "trl")
 # Installed next to the floors because the floors cannot import with the test environment's newer
-# releases: transformers 5.4 wants huggingface_hub < 2 and tokenizers <= 0.23.0, and imports httpx.
+# releases: transformers 5.4 wants huggingface_hub < 2 and tokenizers <= 0.23.0, and imports httpx; it
+# also imports `kernels` wherever one is installed (transformers 5.25 brings 0.19, whose LayerRepository
+# rejects 5.4's arguments), and declares kernels >= 0.12, < 0.13 for it.
 COMPANIONS = (
     "huggingface_hub==1.33.0",
     "tokenizers==0.22.2",
     "httpx==0.28.1",
     "httpcore==1.0.9",
+    "kernels==0.12.3",
 )
 
 
