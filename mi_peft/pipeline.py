@@ -8,8 +8,6 @@ budget), column for column, with general-ability side effects and intervals.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +27,7 @@ from .locate import directions, locate, per_cost, slice_fisher
 from .locate_cost_option import CostOption
 from .models import load_model
 from .recipe import Recipe, check_budgets, check_sizes, load_recipe, parse_layers
-from .report import write_report
+from .report import results_json, write_report
 from .scoring import Evaluator, score_row
 from .steer_rows import iti_steering, sae_steering_row, steering_sweep
 from .tuners.steering import SteeringConfig
@@ -269,8 +267,9 @@ def run_recipe(
         "timings": run.timings,
         "environment": environment,
     }
+    text = results_json(results)  # before any file is written: a value JSON cannot hold fails with nothing half-done
     write_report(out, results, result)
-    write_text_atomically(out / "results.json", json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False))
+    write_text_atomically(out / "results.json", text)
     return results
 
 
@@ -286,14 +285,3 @@ def _per_cost(run: Run, result: Any) -> Any:
     )  # fmt: skip
     cost.save(run.out / "localization_cost")
     return per_cost(result, cost, penalty=option.penalty)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (a metric that does not apply, e.g. no side prompts) becomes JSON null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +275,22 @@ def _metric_labels(evaluate: dict[str, Any]) -> tuple[str, str]:
     if evaluate["behaviour"] == "target" and hits > 1:
         target = f"{target} (at least {hits} distinct target strings per reply)"
     return target, side
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a metric that does not apply, e.g. no side prompts) becomes JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def results_json(results: dict[str, Any]) -> str:
+    """The text of a run's ``results.json``: strict JSON, with NaN written as null."""
+    return json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False)
 
 
 def _localization_plots(plots: Path, localization: Any) -> list[Path]:

@@ -17,7 +17,7 @@ from typing import Any
 from ._io import write_text_atomically
 from .aggregate import verdicts
 from .locate import LocalizationResult
-from .report import write_report
+from .report import results_json, write_report
 
 
 def _load_results(out: Path) -> dict[str, Any]:
@@ -48,6 +48,7 @@ def refresh_report(out: str | os.PathLike) -> Path:
     saved = out / "localization"
     localization = LocalizationResult.load(saved) if saved.is_dir() else None
     results["verdicts"] = verdicts(results["variants"])
+    text = results_json(results)  # before any file is written: a failure leaves the folder as it was
     report = write_report(out, results, localization)
-    write_text_atomically(out / "results.json", json.dumps(results, indent=2, default=str, allow_nan=False))
+    write_text_atomically(out / "results.json", text)
     return report
