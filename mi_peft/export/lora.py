@@ -118,6 +118,11 @@ def read_sparse_adapter(adapter_dir: str | Path) -> tuple[SparseConfig, dict[str
         raise ValueError(
             f"{adapter_dir / ADAPTER_CONFIG} has no `arch` record; save the adapter with `save_pretrained`."
         )
+    if config.condition is not None:
+        raise ValueError(
+            f"{adapter_dir} is a conditional sparse adapter: a LoRA or GGUF file would apply it to every prompt. Load "
+            "it with `PeftModel.from_pretrained`, call `set_condition(None)`, save it, and export that folder."
+        )
     return config, load_file(str(adapter_dir / ADAPTER_WEIGHTS))
 
 

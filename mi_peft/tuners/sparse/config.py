@@ -14,6 +14,7 @@ from peft.config import PeftConfig
 from ...arch import ArchSpec, spec_for
 from ...components import HEAD_MODES, NEURON_MODES, ComponentSet, Head, Neuron, check_mode
 from .._derived import set_peft_type_and_check_targets
+from ..steering.condition import check_condition_fields, unit_vector
 
 ColMode = Literal["delta", "scale", "bias"]
 ARCH_KEYS = ("n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "n_neurons")
@@ -125,6 +126,12 @@ class SparseConfig(PeftConfig):
         ignore_fingerprint (`bool`, defaults to `False`): skip that check. Never saved, so pass it at load
             time: ``PeftModel.from_pretrained(base, path, ignore_fingerprint=True)``.
         modules_to_save (`list[str] | None`): extra modules to train fully and save, as in other PEFT methods.
+        condition (`dict | None`): apply the adapter only to sequences that trigger this condition (``layer``,
+            ``threshold``, ``comparator``, ``measure`` of a
+            :class:`~mi_peft.tuners.steering.SteeringCondition`), read on the base model; other sequences get
+            the base model unchanged. Set both condition fields with ``SparseModel.set_condition``.
+        condition_direction (`list[float] | None`): the condition's unit direction ``[d_model]``, stored in the
+            config JSON (float32 values round-trip exactly).
     """
 
     heads: dict[int, list[int]] = field(
@@ -155,6 +162,12 @@ class SparseConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules apart from the sparse layers to train fully and save."}
     )
+    condition: dict | None = field(
+        default=None, metadata={"help": "Apply only to sequences selected by this condition (layer, threshold, ...)."}
+    )
+    condition_direction: list[float] | None = field(
+        default=None, metadata={"help": "Unit direction [d_model] of `condition`."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -175,6 +188,21 @@ class SparseConfig(PeftConfig):
             )
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+        self._check_condition()
+
+    def _check_condition(self) -> None:
+        if (self.condition is None) != (self.condition_direction is None):
+            raise ValueError(
+                "`condition` and `condition_direction` go together; set both with `SparseModel.set_condition(...)` "
+                "or neither."
+            )
+        if self.condition is not None:
+            self.condition = check_condition_fields(self.condition)
+            unit = unit_vector(self.condition_direction, "condition_direction")  # raises on NaN, zero, not 1-D
+            given = torch.as_tensor(self.condition_direction, dtype=torch.float32)
+            # a saved unit vector is kept as it is (normalising it again could change its last bits on reload)
+            keep = abs(float(given.norm()) - 1.0) < 1e-5
+            self.condition_direction = [float(v) for v in (given if keep else unit).tolist()]
 
     def to_dict(self) -> dict:
         """As PEFT's, minus ``ignore_fingerprint``: a load-time override is never written to disk."""

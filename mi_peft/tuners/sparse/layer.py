@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import ModuleSlices
+from .gate import SparseGate, on_rows
 
 INIT_STD = 0.02  # std of the random deltas drawn with `init_weights=False`
 
@@ -43,6 +44,8 @@ class SparseLayer(BaseTunerLayer):
         # what a scale/bias merge added (it depends on the base weight), so unmerge subtracts the same
         self.sparse_merge_cache: dict[str, tuple[Tensor | None, Tensor | None]] = {}
         self._sparse_created_bias = False
+        # shared with the other layers of the model: the sequences each conditional adapter applies to
+        self.sparse_gate: SparseGate | None = None
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
@@ -123,26 +126,31 @@ class SparseLayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        gate = self.sparse_gate
+        if self.merged or (gate is not None and gate.deciding):
             return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.sparse_slices]
+        active = []
+        for adapter in (a for a in self.active_adapters if a in self.sparse_slices):
+            rows, skip = (None, False) if gate is None else gate.rows_for(adapter, x.shape[0])
+            if not skip:
+                active.append((adapter, rows))
         x_base = x
-        for adapter in active:  # scale/bias act on the projection input: z_h -> (1 + s) z_h + b
+        for adapter, rows in active:  # scale/bias act on the projection input: z_h -> (1 + s) z_h + b
             offset = self._input_offset(adapter, x)
             if offset is not None:
                 cols, _ = self._index(adapter, x.device)
-                x_base = x_base.index_add(-1, cols, offset.to(x.dtype))
+                x_base = x_base.index_add(-1, cols, on_rows(offset.to(x.dtype), rows))
         result = self.base_layer(x_base, *args, **kwargs)
-        for adapter in active:
-            cols, rows = self._index(adapter, x.device)
+        for adapter, rows in active:
+            cols, rows_out = self._index(adapter, x.device)
             if adapter in self.sparse_delta:
                 delta = self.sparse_delta[adapter]
                 update = x.index_select(-1, cols).to(delta.dtype) @ delta.T
-                result = result + update.to(result.dtype)
+                result = result + on_rows(update.to(result.dtype), rows)
             if adapter in self.sparse_row_delta:
                 delta = self.sparse_row_delta[adapter]
                 update = x.to(delta.dtype) @ delta.T
-                result = result.index_add(-1, rows, update.to(result.dtype))
+                result = result.index_add(-1, rows_out, on_rows(update.to(result.dtype), rows))
         return result
 
     # ---- merge / unmerge -------------------------------------------------------------------

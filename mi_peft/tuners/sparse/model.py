@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -13,7 +15,9 @@ from ...arch import spec_for
 from ...fingerprint import stamp_or_check_fingerprint
 from .._bnb_cpu import keep_4bit_layout_trainable
 from .._merge import bias_refusal, merge_transaction, plan_biases, switch_off_biases, switch_on_biases
+from ..steering.condition import SteeringCondition
 from .config import ARCH_KEYS, ModuleSlices, SparseConfig, arch_record
+from .gate import SparseGate, condition_record, continues_cache, decide_rows, model_inputs
 from .layer import SparseLayer, SparseLinear
 
 
@@ -29,6 +33,9 @@ class SparseModel(BaseTuner):
     again, so nothing dense is stored. A bias-free projection gets its bias through the architecture's
     config flag (:class:`~mi_peft.arch.BiasSwitch`), so the saved model reloads with it; a family without
     one refuses bias mode merges. Merges are all or nothing: an error leaves every weight as it was.
+    An adapter with a ``condition`` (:meth:`set_condition`) applies only to the sequences the condition
+    selects (:mod:`mi_peft.tuners.sparse.gate`) and is never merged, since merged weights would apply
+    it to every sequence.
     Merging into a quantized (bitsandbytes) base is refused: re-quantizing is lossy; merge on an
     unquantized copy instead.
 
@@ -76,6 +83,9 @@ class SparseModel(BaseTuner):
                 detail = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
                 raise ValueError(f"this sparse adapter was made for another architecture ({detail}).")
         plan = config.module_slices(spec)  # ValueError naming the range of a bad layer/head/neuron
+        if config.condition is not None:
+            spec.check_layer(config.condition["layer"])
+            condition_record({**config.condition, "direction": config.condition_direction}, spec.d_model)
         stamp_or_check_fingerprint(config, model, "This sparse adapter")
         config.arch = arch_record(spec)
         config.target_modules = set(plan)
@@ -103,6 +113,7 @@ class SparseModel(BaseTuner):
             )
             return
         new_module = self._create_new_module(peft_config, adapter_name, target, slices=slices)
+        new_module.sparse_gate = self.sparse_gate
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until `set_adapter`
         self._replace_module(parent, target_name, new_module, target)
@@ -120,6 +131,67 @@ class SparseModel(BaseTuner):
                 "`torch.nn.Linear`, `transformers.pytorch_utils.Conv1D` and quantized linear layers (bitsandbytes)."
             )
         return SparseLinear(target, adapter_name, slices, init_weights=peft_config.init_weights, **kwargs)
+
+    # ---- conditional adapters ----------------------------------------------------------------
+
+    @property
+    def sparse_gate(self) -> SparseGate:
+        """The sequences each conditional adapter applies to, shared by every sparse layer of this model."""
+        gate = self.__dict__.get("_sparse_gate")
+        if gate is None:
+            gate = self.__dict__["_sparse_gate"] = SparseGate()
+        return gate
+
+    def set_condition(
+        self, condition: SteeringCondition | dict[str, Any] | None, adapter_name: str | None = None
+    ) -> None:
+        """Apply adapter ``adapter_name`` (default: the active one) only where ``condition`` selects; ``None`` removes it.
+
+        ``condition`` is a :class:`~mi_peft.tuners.steering.SteeringCondition`, e.g. the first value
+        :meth:`SteeringConfig.calibrate_condition` returns. It is saved with the adapter.
+        """
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}.")
+        config = self.peft_config[name]
+        if condition is None:
+            config.condition = config.condition_direction = None
+            return
+        spec = spec_for(self.model)
+        fields, direction = condition_record(condition, spec.d_model)
+        spec.check_layer(fields["layer"])
+        config.condition, config.condition_direction = fields, direction
+
+    def _conditions(self) -> dict[str, tuple[dict, list[float]]]:
+        return {
+            name: (self.peft_config[name].condition, self.peft_config[name].condition_direction)
+            for name in self.active_adapters
+            if name in self.peft_config and getattr(self.peft_config[name], "condition", None) is not None
+        }
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT enters this around every ``PeftModel`` forward and ``generate``: conditional adapters decide here.
+
+        The decision is taken on this call's inputs (``generate``: the prompt) with the slices off and holds
+        for every forward inside the call; it is kept afterwards for a backward that recomputes activations
+        and for a forward continuing this call's KV cache.
+        """
+        conditions, gate = self._conditions(), self.sparse_gate
+        if not conditions:
+            gate.set_rows({})
+            yield
+            return
+        if gate.locked or continues_cache(kwargs):
+            yield
+            return
+        batch = model_inputs(args, kwargs)
+        if batch is None:
+            raise ValueError("a conditional sparse adapter needs `input_ids` or `inputs_embeds` to decide on.")
+        rows = decide_rows(self.model, gate, conditions, batch)
+        with gate.locked_rows(rows):
+            yield
+        gate.set_rows(rows)
 
     def _check_merge_allowed(self) -> None:
         """Refuse up front (before touching any weight) when a base layer is quantized."""
@@ -148,6 +220,13 @@ class SparseModel(BaseTuner):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge into the base weights; on any error (NaN with ``safe_merge``, a refused layer) nothing changes."""
         self._check_merge_allowed()
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        conditional = sorted(n for n in names if getattr(self.peft_config.get(n), "condition", None) is not None)
+        if conditional:
+            raise ValueError(
+                f"cannot merge conditional sparse adapter(s) {conditional}: merged weights would apply them to every "
+                "sequence. Use the adapter unmerged, or remove the condition first with `set_condition(None)`."
+            )
         spec = spec_for(self.model)
         plan = plan_biases(self.model, spec, self._bias_needs(adapter_names))
         refusal = bias_refusal(spec, plan)

@@ -173,6 +173,25 @@ def _stop_forward(*_: Any) -> None:
 
 
 @torch.no_grad()
+def residual_until(model: nn.Module, batch: Mapping[str, torch.Tensor], layers: Sequence[int], positions: str) -> Any:
+    """Residual stream after ``layers`` for one tokenized batch; the forward stops after the last of them.
+
+    Later layers and the unembedding are never run. Runs without a KV cache, so a forward inside
+    generation (the conditional sparse gate) leaves the generation's cache untouched.
+    """
+    mask = batch.get("attention_mask")
+    with capture.record(model, residual=list(layers), positions=positions, attention_mask=mask) as cache:
+        last = spec_for(model).decoder_layers(model)[max(layers)]
+        handle = last.register_forward_hook(_stop_forward)
+        try:
+            model(**batch, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    return cache
+
+
 def _layer_features(
     model: nn.Module,
     tokenizer: Any,
@@ -191,16 +210,7 @@ def _layer_features(
     for start in tqdm(starts, desc=desc, disable=len(starts) < 4):
         batch = {k: v.to(device) for k, v in tokenize(tokenizer, texts[start : start + batch_size]).items()}
         mask = batch["attention_mask"]
-        positions = "all" if directions is not None else "mean"
-        with capture.record(model, residual=layers, positions=positions, attention_mask=mask) as cache:
-            last = spec_for(model).decoder_layers(model)[max(layers)]
-            handle = last.register_forward_hook(_stop_forward)  # later layers and the unembedding are not needed
-            try:
-                model(**batch)
-            except _StopForward:
-                pass
-            finally:
-                handle.remove()
+        cache = residual_until(model, batch, layers, "all" if directions is not None else "mean")
         for layer in layers:
             h = cache.residual[layer]
             value = h.float() if directions is None else condition_scores(h, directions[layer], mask, measure)
