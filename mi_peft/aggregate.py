@@ -72,9 +72,12 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [summarize(rows) for rows in groups.values()]
 
 
-def _find(rows: Sequence[dict[str, Any]], adapter: str, method: str, budget: Any) -> dict[str, Any] | None:
+def _find(
+    rows: Sequence[dict[str, Any]], adapter: str, method: str, budget: Any, conditional: bool = False
+) -> dict[str, Any] | None:
     for row in rows:
-        if row.get("adapter") == adapter and row.get("method") == method and row.get("budget") == budget:
+        same = row.get("adapter") == adapter and row.get("method") == method and row.get("budget") == budget
+        if same and bool(row.get("conditional", False)) == conditional:
             return row
     return None
 
@@ -152,10 +155,26 @@ def _preference_methods(summary: Sequence[dict[str, Any]], located: dict[str, An
     return out
 
 
+def _conditional(
+    summary: Sequence[dict[str, Any]], gated: dict[str, Any], located: dict[str, Any], budget: Any
+) -> dict[str, Any]:
+    """The located adapter gated by the steering condition against gated random and against itself ungated."""
+    out: dict[str, Any] = {"budget": budget, "located_target": gated["target"], "located_net": _net(gated)}
+    random = _find(summary, "random", "sft", budget, conditional=True)
+    if random is not None:
+        out.update(_versus_random(gated, random))
+    out.update(
+        unconditional_net=_net(located),
+        net_gain_over_unconditional=_net(gated) - _net(located),
+        net_gain_over_unconditional_interval=_net_difference(gated, located),
+    )
+    return out
+
+
 def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per budget: located vs random (target, side, separated intervals, intervals of the differences),
-    located vs matched LoRA (target minus side, with its interval), and sparse DPO / SFT->DPO where they
-    were trained at that budget."""
+    located vs matched LoRA (target minus side, with its interval), sparse DPO / SFT->DPO where they
+    were trained at that budget, and under ``conditional`` the same adapters gated by the steering condition."""
     out = []
     budgets = list(dict.fromkeys(r.get("budget") for r in summary if r.get("adapter") == "located"))
     for budget in budgets:
@@ -174,5 +193,8 @@ def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 net_gain_interval=_net_difference(located, lora),
             )
         verdict.update(_preference_methods(summary, located, budget))
+        gated = _find(summary, "located", "sft", budget, conditional=True)
+        if gated is not None:
+            verdict["conditional"] = _conditional(summary, gated, located, budget)
         out.append(verdict)
     return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from . import variants as variant_plan
 from ._io import write_text_atomically
@@ -46,6 +46,7 @@ class Run:
     log: Callable[[str], None]
     finished: FinishedRows
     timings: dict[str, float] = field(default_factory=dict)
+    condition: Any = None  # the conditional-steering condition, which `train.conditional` also gates adapters with
     _dpo_held_out: list[dict[str, Any]] | None = None
 
     @property
@@ -153,6 +154,7 @@ def _steer(run: Run, result, loc_pairs: ContrastivePairs, val_pairs: Contrastive
             model, tok, val_pairs.positive, val_pairs.negative, directions=cond_dirs
         )
         steering["condition"] = report.chosen
+        run.condition = condition
         alpha = steering["conditional_alpha"]
         config = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=alpha, condition=condition)
         configs.append((f"conditional steering (alpha={alpha:g})", "steering_conditional", config, "steering"))
@@ -194,8 +196,10 @@ def _train(run: Run, result) -> tuple[list[dict], dict[str, list[float]]]:
             finished = run.finished.get(folder)
             if finished is not None:
                 run.log(f"      {folder}: finished by an earlier run with the same settings, read back")
+            if finished is None and variant.conditional:
+                finished = _score_conditional(run, variant, folder, seed, runs)
             row, curve = finished or _train_and_score(run, result, variant, folder, seed)
-            if seed_index == 0:
+            if seed_index == 0 and curve:
                 losses.setdefault(variant.name, curve)
             runs.append(row)
     run.timings["train_and_eval"] = time.perf_counter() - started
@@ -212,6 +216,28 @@ def _train_and_score(run: Run, result, variant, folder: str, seed: int) -> tuple
     row = score_row(variant.name, trained.model, run.evaluator, out, trained.train_seconds, extra)
     run.finished.put(folder, row, trained.losses)
     return row, trained.losses
+
+
+def _score_conditional(run: Run, variant, folder: str, seed: int, runs: list[dict]) -> tuple[dict, list[float]]:
+    """The adapter trained for ``variant.unconditional`` with this seed, gated by the steering condition.
+
+    Nothing is trained: the saved adapter is loaded onto a fresh base model and given the condition.
+    """
+    source_name = f"{variant.unconditional.slug}_s{seed}"
+    source = run.out / "adapters" / source_name
+    trained = next((r for r in runs if r.get("seed") == seed and r["variant"] == variant.unconditional.name), None)
+    if trained is None or not (source / "adapter_config.json").is_file():
+        raise RuntimeError(f"{folder} gates the adapter of {source_name}, which this run has not saved in {source}.")
+    model, _ = load_model(run.recipe.model)
+    gated = PeftModel.from_pretrained(model, source, is_trainable=True)  # trainable: the row counts its parameters
+    gated.set_condition(run.condition)
+    extra = {"adapter": variant.adapter, "method": variant.method, "budget": variant.budget, "seed": seed}
+    row = score_row(
+        variant.name, gated, run.evaluator, run.out / "adapters" / folder, trained["train_seconds"],
+        {**extra, "conditional": True},
+    )  # fmt: skip
+    run.finished.put(folder, row, [])
+    return row, []
 
 
 def run_recipe(

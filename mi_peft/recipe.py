@@ -87,6 +87,7 @@ class TrainSection:
     param_budgets: tuple[float, ...] | None = None  # budget sweep: located, random, matched LoRA at each
     precision: str = "auto"  # bfloat16 autocast where the CPU/GPU has bf16 units, else float32 (mi_peft.precision)
     matched_lora_lr: float | None = None  # None: `lora_lr`; a tiny matched LoRA may need the sparse step size
+    conditional: bool = False  # also score located and random gated by the steering condition (`steer.conditional`)
 
 
 @dataclass

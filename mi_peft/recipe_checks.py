@@ -71,6 +71,11 @@ def check_recipe(recipe: Recipe, source: Path) -> None:
         check_budgets(tr.param_budgets, source, "train.param_budgets")
     if tr.dpo_args is not None and not isinstance(tr.dpo_args, dict):
         raise ValueError(f"{source}: `train.dpo_args` must be a mapping of trl.DPOConfig fields, got {tr.dpo_args!r}.")
+    if tr.conditional and not (recipe.steer.conditional and recipe.sft is not None):
+        raise ValueError(
+            f"{source}: `train.conditional` gates the SFT adapters with the conditional-steering condition; it needs "
+            "`steer.conditional: true` and `data.sft`."
+        )
     if not isinstance(tr.seeds, int) or isinstance(tr.seeds, bool) or tr.seeds < 1:
         raise ValueError(f"{source}: `train.seeds` must be a positive integer (runs per variant), got {tr.seeds!r}.")
     counts = ("n_test", "piqa_n", "blimp_n", "ppl_texts", "health_prompts", "health_tokens", "dpo_held_out")

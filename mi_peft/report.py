@@ -134,7 +134,11 @@ def _plot_pareto(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]
     for axis, key, label in zip(axes, ("target", "side"), labels, strict=True):
         for adapter, (name, style) in _SERIES.items():
             series = sorted(
-                (r for r in rows if r.get("adapter") == adapter and r.get("method") == "sft"),
+                (
+                    r
+                    for r in rows
+                    if r.get("adapter") == adapter and r.get("method") == "sft" and not r.get("conditional")
+                ),
                 key=lambda r: r["trainable_pct"],
             )
             if series and not all(is_missing(r.get(key)) for r in series):
@@ -167,8 +171,8 @@ def _interval_text(interval: Any) -> str:
     return "" if interval is None else f" [95% CI {interval[0]:+.1%}, {interval[1]:+.1%}]"
 
 
-def _budget_verdict_line(v: dict[str, Any]) -> str:
-    text = f"- budget {v['budget']:g}: located {v['located_target']:.1%}"
+def _budget_verdict_line(v: dict[str, Any], label: str = "") -> str:
+    text = f"- budget {v['budget']:g}{label}: located {v['located_target']:.1%}"
     if "random_target" in v:
         separated = {True: "intervals do not overlap", False: "intervals overlap", None: "no interval"}
         text += (
@@ -184,6 +188,11 @@ def _budget_verdict_line(v: dict[str, Any]) -> str:
         text += (
             f"; target minus side {v['located_net']:+.1%} vs matched LoRA {v['lora_net']:+.1%} "
             f"({v['net_gain_over_matched_lora']:+.1%}{_interval_text(v.get('net_gain_interval'))})"
+        )
+    if "unconditional_net" in v:
+        text += (
+            f"; target minus side {v['located_net']:+.1%} vs the same adapter ungated {v['unconditional_net']:+.1%} "
+            f"({v['net_gain_over_unconditional']:+.1%}{_interval_text(v.get('net_gain_over_unconditional_interval'))})"
         )
     return text + "."
 
@@ -207,6 +216,9 @@ def _preference_lines(v: dict[str, Any]) -> list[str]:
 
 def _verdict_lines(verdicts: list[dict[str, Any]], seeds: int) -> list[str]:
     lines = [_budget_verdict_line(v) for v in verdicts]
+    lines += [
+        _budget_verdict_line(v["conditional"], ", gated by the condition") for v in verdicts if "conditional" in v
+    ]
     lines += [line for v in verdicts for line in _preference_lines(v)]
     if lines:
         lines.append(

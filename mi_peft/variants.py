@@ -8,7 +8,7 @@ it is a property of the model and the locate data, not of the training run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class Variant:
     method: str = "sft"  # sft | dpo | sft+dpo
     budget: float | None = None  # None: the recipe's `train.param_budget` (LoRA r=N ignores it)
     lora_r: int = 8
+    conditional: bool = False  # the trained adapter of the same variant, gated by the steering condition
 
     @property
     def name(self) -> str:
@@ -41,12 +42,18 @@ class Variant:
             "lora": f"LoRA r={self.lora_r}",
             "lora_matched": "LoRA matched",
         }[self.adapter]
-        return base + {"sft": "", "dpo": " DPO", "sft+dpo": " SFT->DPO"}[self.method]
+        name = base + {"sft": "", "dpo": " DPO", "sft+dpo": " SFT->DPO"}[self.method]
+        return name + (", conditional" if self.conditional else "")
 
     @property
     def slug(self) -> str:
         budget = "" if self.budget is None else f"_b{self.budget:g}"
-        return f"{self.adapter}_{self.method.replace('+', '_')}{budget}"
+        return f"{self.adapter}_{self.method.replace('+', '_')}{budget}" + ("_cond" if self.conditional else "")
+
+    @property
+    def unconditional(self) -> Variant:
+        """The variant whose trained adapter a conditional variant gates."""
+        return replace(self, conditional=False)
 
 
 def plan(recipe: Recipe) -> list[Variant]:
@@ -57,6 +64,8 @@ def plan(recipe: Recipe) -> list[Variant]:
     if recipe.sft is not None:
         for budget in budgets:
             variants += [Variant("located", budget=budget), Variant("random", budget=budget)]
+            if tr.conditional:
+                variants += [Variant(a, budget=budget, conditional=True) for a in ("located", "random")]
             if tr.matched_lora:
                 variants.append(Variant("lora_matched", budget=budget))
         if tr.lora_baseline:

@@ -197,6 +197,49 @@ def test_budget_sweep_with_seeds_at_tiny_size(tmp_path):
     assert (out / "report.md").read_text() == written and "![neurons](plots/neurons.png)" in written
 
 
+@pytest.mark.slow
+def test_conditional_rows_gate_the_trained_adapters_with_the_steering_condition(tmp_path):
+    """`train.conditional`: located and random are scored again, gated by the calibrated condition, untrained."""
+    raw = {**SHORT, "model": str(tiny_llama_with_real_tokenizer(tmp_path / "tiny")), "name": "gated"}
+    raw["steer"] = {"layers": "0-1", "alphas": [0, 2], "val_prompts": 2, "conditional": True}
+    raw["train"] = {**SHORT["train"], "kinds": ["neurons"], "conditional": True, "matched_lora": False}
+    raw["train"]["lora_baseline"] = False
+    raw["data"] = {k: v for k, v in SHORT["data"].items() if k != "dpo"}
+    recipe = tmp_path / "gated.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [r["variant"] for r in results["runs"]]
+    assert names == ["sparse located", "sparse random", "sparse located, conditional", "sparse random, conditional"]
+    by_name = {r["variant"]: r for r in results["runs"]}
+    for adapter in ("located", "random"):
+        trained, gated = by_name[f"sparse {adapter}"], by_name[f"sparse {adapter}, conditional"]
+        assert gated["conditional"] is True and "conditional" not in trained
+        assert gated["trainable_params"] == trained["trainable_params"] > 0
+        assert gated["train_seconds"] == trained["train_seconds"]  # the same training, not a second one
+        (folder,) = (out / "adapters").glob(f"{adapter}_sft_b*_cond_s0")
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        assert {k: saved["condition"][k] for k in ("layer", "comparator")} == {
+            k: results["steering"]["condition"][k] for k in ("layer", "comparator")
+        }
+        assert math.isclose(saved["condition"]["threshold"], results["steering"]["condition"]["threshold"])
+    verdict = results["verdicts"][0]["conditional"]
+    assert {"random_target", "target_gain_interval", "net_gain_over_unconditional"} <= set(verdict)
+    assert ", gated by the condition: located" in (out / "report.md").read_text()
+
+
+def test_conditional_training_rows_need_the_steering_condition(tmp_path, monkeypatch):
+    import mi_peft.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    raw = {**SHORT, "steer": {**SHORT["steer"], "conditional": False}, "train": {**SHORT["train"], "conditional": True}}
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="`train.conditional` .* needs `steer.conditional: true`"):
+        pipeline.run_recipe(recipe)
+
+
 def test_report_refresh_refuses_folders_that_are_not_finished_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "results.json does not exist; pass the --out folder of a finished `mi-peft run`" in capsys.readouterr().err
