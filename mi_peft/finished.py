@@ -60,6 +60,7 @@ class FinishedRows:
 
     def __init__(self, out: Path, recipe: Recipe, resume: bool):
         self.folder, self.key, self.resume = Path(out) / "finished", settings_key(recipe), resume
+        self.localization_folder, self.localization_key = Path(out) / "localization", self.folder / "localization.key"
 
     def get(self, name: str) -> tuple[dict[str, Any], list[float]] | None:
         """The row and loss curve saved for variant folder ``name``, or None (not resuming, absent, stale)."""
@@ -75,7 +76,7 @@ class FinishedRows:
         """The run's saved LocalizationResult when resuming and it was saved under the same key, else None."""
         from .locate import LocalizationResult
 
-        key_file, saved = self.folder / "localization.key", self.folder.parent / "localization"
+        key_file, saved = self.localization_key, self.localization_folder
         if not self.resume or not key_file.is_file() or key_file.read_text().strip() != self.key:
             return None
         return LocalizationResult.load(saved) if saved.is_dir() else None
@@ -83,9 +84,9 @@ class FinishedRows:
     def put_localization(self, result: Any) -> None:
         """Save ``result`` as the run's ``localization`` folder, then record the key it was saved under."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "localization.key").unlink(missing_ok=True)  # a killed save must not leave a stale key
-        result.save(self.folder.parent / "localization")
-        write_text_atomically(self.folder / "localization.key", self.key)
+        self.localization_key.unlink(missing_ok=True)  # a killed save must not leave a stale key
+        result.save(self.localization_folder)
+        write_text_atomically(self.localization_key, self.key)
 
     def put(self, name: str, row: dict[str, Any], losses: list[float]) -> None:
         """Save one finished variant's row (atomically: a killed run leaves the old row or none)."""

@@ -167,27 +167,18 @@ def test_recomputation_is_off_by_default_and_the_callers_choice_is_kept(tmp_path
     with no deprecation warning, and a caller's `gradient_checkpointing=True` still takes effect."""
     import warnings
 
+    def one_step(folder: str, **extra):
+        rows, config = SFT_ROWS, SparseConfig(**CONFIG)
+        return sft(
+            make_tiny("llama"), word_tokenizer(), rows, config, output_dir=tmp_path / folder, max_steps=1, **extra
+        )
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        off = sft(
-            make_tiny("llama"),
-            word_tokenizer(),
-            SFT_ROWS,
-            SparseConfig(**CONFIG),
-            output_dir=tmp_path / "a",
-            max_steps=1,
-        )
+        off = one_step("a")
     assert not _recomputes(off.model)
     assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
-    on = sft(
-        make_tiny("llama"),
-        word_tokenizer(),
-        SFT_ROWS,
-        SparseConfig(**CONFIG),
-        output_dir=tmp_path / "b",
-        max_steps=1,
-        gradient_checkpointing=True,
-    )
+    on = one_step("b", gradient_checkpointing=True)
     assert _recomputes(on.model)
 
 
