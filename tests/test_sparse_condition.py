@@ -51,6 +51,16 @@ def splitting_condition(model, inputs, layer: int = 1) -> tuple[SteeringConditio
     return condition, scores > threshold
 
 
+def conditional_model(layer: int = 1):
+    """A conditional sparse adapter on a fresh base model, its inputs, condition and selected rows."""
+    inputs = batch()
+    base = base_model()
+    condition, selected = splitting_condition(base, inputs, layer)
+    model = get_peft_model(base, sparse_config())
+    model.set_condition(condition)
+    return model, inputs, condition, selected
+
+
 @torch.no_grad()
 def logits(model, inputs) -> torch.Tensor:
     return model(**inputs).logits
@@ -102,11 +112,7 @@ def test_the_condition_is_read_on_the_base_model_not_on_the_adapted_one():
 
 
 def test_only_selected_rows_train():
-    inputs = batch()
-    base = base_model()
-    condition, selected = splitting_condition(base, inputs)
-    model = get_peft_model(base, sparse_config())
-    model.set_condition(condition)
+    model, inputs, condition, selected = conditional_model()
     out = model(**inputs)
     out.logits[~selected].float().pow(2).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -118,11 +124,7 @@ def test_only_selected_rows_train():
 
 
 def test_save_and_reload_keep_the_condition_exactly(tmp_path):
-    inputs = batch()
-    base = base_model()
-    condition, _ = splitting_condition(base, inputs)
-    model = get_peft_model(base, sparse_config())
-    model.set_condition(condition)
+    model, inputs, condition, _ = conditional_model()
     before = logits(model, inputs)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(base_model(), tmp_path / "adapter")
@@ -133,11 +135,7 @@ def test_save_and_reload_keep_the_condition_exactly(tmp_path):
 
 
 def test_merge_is_refused_and_leaves_the_weights_as_they_were():
-    inputs = batch()
-    base = base_model()
-    condition, _ = splitting_condition(base, inputs)
-    model = get_peft_model(base, sparse_config())
-    model.set_condition(condition)
+    model, inputs, condition, _ = conditional_model()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"cannot merge conditional sparse adapter.*set_condition\(None\)"):
         model.merge_and_unload()
