@@ -31,6 +31,7 @@ from .report import results_json, write_report
 from .scoring import Evaluator, score_row
 from .steer_rows import iti_steering, sae_steering_row, steering_sweep
 from .tuners.steering import SteeringConfig
+from .tuners.steering.condition import selection_rates
 from .validation import recipe_metric, validate_causally
 
 
@@ -153,7 +154,12 @@ def _steer(run: Run, result, loc_pairs: ContrastivePairs, val_pairs: Contrastive
         condition, report = SteeringConfig.calibrate_condition(
             model, tok, val_pairs.positive, val_pairs.negative, directions=cond_dirs
         )
+        # how the condition transfers to the held-out test prompts (reported only; no choice depends on it)
         steering["condition"] = report.chosen
+        test_positive, test_negative = evaluator.sets["test"]
+        if test_positive and test_negative:
+            held_out = selection_rates(model, tok, condition, test_positive, test_negative)
+            steering["condition"].update(held_out_tpr=held_out["tpr"], held_out_fpr=held_out["fpr"])
         run.condition = condition
         alpha = steering["conditional_alpha"]
         config = SteeringConfig.from_directions(dirs, layers=steering["layers"], alpha=alpha, condition=condition)

@@ -370,7 +370,15 @@ def write_report(out: Path, results: dict[str, Any], localization: Any | None) -
         *_alpha_table("alpha", steer["sweep"]),
     ]
     if "condition" in steer:
-        lines += [f"Conditional steering condition: `{steer['condition']}`", ""]
+        cond = steer["condition"]
+        lines += [f"Conditional steering condition: `{cond}`", ""]
+        if "held_out_tpr" in cond:
+            lines += [
+                f"On the held-out test prompts (used for no choice) the condition selects {cond['held_out_tpr']:.1%} "
+                f"of the positive and {cond['held_out_fpr']:.1%} of the negative prompts; its calibration on the "
+                f"validation pairs gave {cond['tpr']:.1%} and {cond['fpr']:.1%}.",
+                "",
+            ]
     if "iti" in steer:
         lines += _iti_lines(steer["iti"])
     if "sae" in steer:

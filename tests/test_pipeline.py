@@ -224,6 +224,10 @@ def test_conditional_rows_gate_the_trained_adapters_with_the_steering_condition(
             k: results["steering"]["condition"][k] for k in ("layer", "comparator")
         }
         assert math.isclose(saved["condition"]["threshold"], results["steering"]["condition"]["threshold"])
+    held_out = results["steering"]["condition"]
+    n = 2  # evaluate.n_test prompts of each class
+    assert held_out["held_out_tpr"] * n in (0, 1, 2) and held_out["held_out_fpr"] * n in (0, 1, 2)
+    assert "On the held-out test prompts (used for no choice) the condition selects" in (out / "report.md").read_text()
     verdict = results["verdicts"][0]["conditional"]
     assert {"random_target", "target_gain_interval", "net_gain_over_unconditional"} <= set(verdict)
     assert ", gated by the condition: located" in (out / "report.md").read_text()

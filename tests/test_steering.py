@@ -15,7 +15,7 @@ from mi_peft import capture
 from mi_peft.arch import spec_for
 from mi_peft.fingerprint import FingerprintMismatchError
 from mi_peft.tuners.steering import SteeringCondition, SteeringConfig, SteeringLayer, calibrate_condition
-from mi_peft.tuners.steering.condition import best_threshold, condition_scores
+from mi_peft.tuners.steering.condition import best_threshold, condition_scores, selection_rates
 from mi_peft.tuners.steering.layer import POST_NORM_WRITERS
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2"]
@@ -269,6 +269,8 @@ def test_calibrate_condition_reports_rates_per_layer():
     assert set(report.tpr) == {0, 1} and report.chosen_layer == cond.layer
     assert report.tpr[cond.layer] - report.fpr[cond.layer] == 1.0  # in-sample directions separate perfectly
     assert "| layer |" in report.to_markdown()
+    rates = selection_rates(model, CharTokenizer(), cond, positive + negative[:1], negative[1:])
+    assert rates == {"tpr": 0.8, "fpr": 0.0, "n_positive": 5, "n_negative": 3}  # the one negative moved: 4 of 5
     pm = steered(model, layers=[1], alpha=5.0, condition=cond)
     ids = torch.tensor([[3 + ord(ch) % 80 for ch in positive[0]], [3 + ord(ch) % 80 for ch in negative[0]]])
     out, base = logits(pm, ids), logits(model, ids)

@@ -287,6 +287,30 @@ def calibrate_condition(
     return condition, report
 
 
+def selection_rates(
+    model: nn.Module,
+    tokenizer: Any,
+    condition: SteeringCondition,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """How often ``condition`` fires on prompts it was not calibrated on: ``{"tpr", "fpr", "n_positive", "n_negative"}``.
+
+    Read on the base model (a PEFT model is measured with its adapters disabled), as the condition is
+    applied by conditional steering and conditional sparse adapters.
+    """
+    positive, negative = check_texts(positive, "positive"), check_texts(negative, "negative")
+    layer, unit = condition.layer, {condition.layer: condition.direction}
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if callable(disable) else torch.no_grad():
+        rates = {}
+        for key, prompts in (("tpr", positive), ("fpr", negative)):
+            scores = _layer_features(model, tokenizer, prompts, [layer], unit, condition.measure, batch_size, key)
+            rates[key] = int(decide(scores[layer], condition.threshold, condition.comparator).sum()) / len(prompts)
+    return {**rates, "n_positive": len(positive), "n_negative": len(negative)}
+
+
 def _mean_difference_units(
     model: nn.Module, tokenizer: Any, positive: list[str], negative: list[str], layers: list[int], batch_size: int
 ) -> dict[int, torch.Tensor]:
