@@ -51,12 +51,12 @@ def splitting_condition(model, inputs, layer: int = 1) -> tuple[SteeringConditio
     return condition, scores > threshold
 
 
-def conditional_model(layer: int = 1):
+def conditional_model(layer: int = 1, task_type: str | None = None):
     """A conditional sparse adapter on a fresh base model, its inputs, condition and selected rows."""
     inputs = batch()
     base = base_model()
     condition, selected = splitting_condition(base, inputs, layer)
-    model = get_peft_model(base, sparse_config())
+    model = get_peft_model(base, sparse_config(task_type=task_type))
     model.set_condition(condition)
     return model, inputs, condition, selected
 
@@ -66,13 +66,17 @@ def logits(model, inputs) -> torch.Tensor:
     return model(**inputs).logits
 
 
-def test_selected_rows_get_the_adapter_and_the_others_the_base_model_exactly():
+TASK_TYPES = pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])  # PeftModel and PeftModelForCausalLM
+
+
+@TASK_TYPES
+def test_selected_rows_get_the_adapter_and_the_others_the_base_model_exactly(task_type):
     inputs = batch()
     base = base_model()
     base_logits = logits(base, inputs)
     condition, selected = splitting_condition(base, inputs)
     assert 0 < int(selected.sum()) < len(selected)
-    model = get_peft_model(base, sparse_config())
+    model = get_peft_model(base, sparse_config(task_type=task_type))
     adapted_logits = logits(model, inputs)
     model.set_condition(condition)
     gated_logits = logits(model, inputs)
@@ -81,14 +85,15 @@ def test_selected_rows_get_the_adapter_and_the_others_the_base_model_exactly():
     assert not torch.allclose(adapted_logits[~selected], base_logits[~selected], atol=1e-3)  # the slices do act
 
 
-def test_generate_decides_on_the_prompt_and_keeps_it_for_every_generated_token():
+@TASK_TYPES
+def test_generate_decides_on_the_prompt_and_keeps_it_for_every_generated_token(task_type):
     inputs = batch(rows=4, length=6)
     base = base_model()
     condition, selected = splitting_condition(base, inputs)
     options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         base_out = base.generate(**inputs, **options)
-        model = get_peft_model(base, sparse_config())
+        model = get_peft_model(base, sparse_config(task_type=task_type))
         adapted_out = model.generate(**inputs, **options)
         model.set_condition(condition)
         gated_out = model.generate(**inputs, **options)
@@ -111,8 +116,9 @@ def test_the_condition_is_read_on_the_base_model_not_on_the_adapted_one():
     assert torch.equal(model.base_model.sparse_gate.rows["default"], selected)
 
 
-def test_only_selected_rows_train():
-    model, inputs, condition, selected = conditional_model()
+@TASK_TYPES
+def test_only_selected_rows_train(task_type):
+    model, inputs, condition, selected = conditional_model(task_type=task_type)
     out = model(**inputs)
     out.logits[~selected].float().pow(2).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -35,6 +35,7 @@ class SparseGate:
         self._extremes: dict[str, tuple[bool, bool]] = {}
         self.deciding = False
         self.locked = False
+        self.pending = False  # the call's inputs reach `SparseModel.forward` only, which then decides
 
     def set_rows(self, rows: Mapping[str, Tensor]) -> None:
         """Record a decision; whether all or none are selected is read once here, not in every layer."""
@@ -53,6 +54,15 @@ class SparseGate:
             )
         every, some = self._extremes[adapter]
         return (None if every else rows), not some
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside the block, the first ``SparseModel.forward`` decides on its inputs and keeps that decision."""
+        self.pending, self.locked = True, True
+        try:
+            yield
+        finally:
+            self.pending, self.locked = False, False
 
     @contextmanager
     def locked_rows(self, rows: Mapping[str, Tensor]) -> Iterator[None]:

@@ -186,12 +186,25 @@ class SparseModel(BaseTuner):
             yield
             return
         batch = model_inputs(args, kwargs)
-        if batch is None:
-            raise ValueError("a conditional sparse adapter needs `input_ids` or `inputs_embeds` to decide on.")
+        if batch is None:  # PeftModelForCausalLM.forward keeps its inputs here and passes them to `forward`
+            with gate.deferred():
+                yield
+            return
         rows = decide_rows(self.model, gate, conditions, batch)
         with gate.locked_rows(rows):
             yield
         gate.set_rows(rows)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; a decision deferred by `_enable_peft_forward_hooks` is taken on these inputs."""
+        gate = self.sparse_gate
+        if gate.pending:
+            batch = model_inputs(args, kwargs)
+            if batch is None:
+                raise ValueError("a conditional sparse adapter needs `input_ids` or `inputs_embeds` to decide on.")
+            gate.set_rows(decide_rows(self.model, gate, self._conditions(), batch))
+            gate.pending = False
+        return self.model.forward(*args, **kwargs)
 
     def _check_merge_allowed(self) -> None:
         """Refuse up front (before touching any weight) when a base layer is quantized."""
