@@ -198,7 +198,7 @@ def _train(run: Run, result) -> tuple[list[dict], dict[str, list[float]]]:
     for seed_index in range(recipe.train.seeds):
         seed = recipe.seed + seed_index
         for variant in plan:
-            folder = f"{variant.slug}_s{seed}"
+            folder = variant.folder(seed)
             finished = run.finished.get(folder)
             if finished is not None:
                 run.log(f"      {folder}: finished by an earlier run with the same settings, read back")
@@ -229,7 +229,7 @@ def _score_conditional(run: Run, variant, folder: str, seed: int, runs: list[dic
 
     Nothing is trained: the saved adapter is loaded onto a fresh base model and given the condition.
     """
-    source_name = f"{variant.unconditional.slug}_s{seed}"
+    source_name = variant.unconditional.folder(seed)
     source = run.out / "adapters" / source_name
     trained = next((r for r in runs if r.get("seed") == seed and r["variant"] == variant.unconditional.name), None)
     if trained is None or not (source / "adapter_config.json").is_file():

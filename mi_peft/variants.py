@@ -50,6 +50,10 @@ class Variant:
         budget = "" if self.budget is None else f"_b{self.budget:g}"
         return f"{self.adapter}_{self.method.replace('+', '_')}{budget}" + ("_cond" if self.conditional else "")
 
+    def folder(self, seed: int) -> str:
+        """The run's folder name for this variant trained with ``seed`` (adapters, finished rows)."""
+        return f"{self.slug}_s{seed}"
+
     @property
     def unconditional(self) -> Variant:
         """The variant whose trained adapter a conditional variant gates."""

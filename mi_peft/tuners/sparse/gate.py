@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...arch import ArchSpec
 from ..steering.condition import SteeringCondition, check_condition_fields, condition_scores, decide, residual_until
 
 
@@ -77,8 +78,8 @@ class SparseGate:
             self.locked = saved[1]
 
 
-def condition_record(condition: SteeringCondition | Mapping[str, Any], d_model: int) -> tuple[dict, list[float]]:
-    """Checked ``(fields, direction)`` of a condition as :class:`SparseConfig` stores them (JSON)."""
+def condition_record(condition: SteeringCondition | Mapping[str, Any], spec: ArchSpec) -> tuple[dict, list[float]]:
+    """``(fields, direction)`` of a condition as :class:`SparseConfig` stores them (JSON), checked against ``spec``."""
     if isinstance(condition, SteeringCondition):
         fields, direction = condition.to_dict(), condition.direction
     elif isinstance(condition, Mapping) and "direction" in condition:
@@ -89,9 +90,11 @@ def condition_record(condition: SteeringCondition | Mapping[str, Any], d_model: 
             "`condition` must be a SteeringCondition (e.g. from `SteeringConfig.calibrate_condition`) or a dict with "
             f"`direction`, `layer` and `threshold`, got {type(condition).__name__}."
         )
-    if direction.numel() != d_model:
-        raise ValueError(f"condition direction has {direction.numel()} values; this model's d_model is {d_model}.")
-    return check_condition_fields(fields), direction.tolist()
+    if direction.numel() != spec.d_model:
+        raise ValueError(f"condition direction has {direction.numel()} values; this model's d_model is {spec.d_model}.")
+    fields = check_condition_fields(fields)
+    spec.check_layer(fields["layer"])
+    return fields, direction.tolist()
 
 
 @torch.no_grad()

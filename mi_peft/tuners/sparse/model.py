@@ -84,8 +84,7 @@ class SparseModel(BaseTuner):
                 raise ValueError(f"this sparse adapter was made for another architecture ({detail}).")
         plan = config.module_slices(spec)  # ValueError naming the range of a bad layer/head/neuron
         if config.condition is not None:
-            spec.check_layer(config.condition["layer"])
-            condition_record({**config.condition, "direction": config.condition_direction}, spec.d_model)
+            condition_record({**config.condition, "direction": config.condition_direction}, spec)
         stamp_or_check_fingerprint(config, model, "This sparse adapter")
         config.arch = arch_record(spec)
         config.target_modules = set(plan)
@@ -157,10 +156,7 @@ class SparseModel(BaseTuner):
         if condition is None:
             config.condition = config.condition_direction = None
             return
-        spec = spec_for(self.model)
-        fields, direction = condition_record(condition, spec.d_model)
-        spec.check_layer(fields["layer"])
-        config.condition, config.condition_direction = fields, direction
+        config.condition, config.condition_direction = condition_record(condition, spec_for(self.model))
 
     def _conditions(self) -> dict[str, tuple[dict, list[float]]]:
         return {

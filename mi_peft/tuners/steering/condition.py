@@ -266,9 +266,7 @@ def calibrate_condition(
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     vectors = getattr(directions, "vectors", directions)
     layers = _candidate_layers(spec_for(model), vectors, layers)
-    disable = getattr(model, "disable_adapter", None)
-    context = disable() if callable(disable) else torch.no_grad()
-    with context:
+    with _on_base_model(model):
         if vectors is not None:
             units = {layer: unit_vector(vectors[layer]) for layer in layers}
         else:
@@ -302,13 +300,18 @@ def selection_rates(
     """
     positive, negative = check_texts(positive, "positive"), check_texts(negative, "negative")
     layer, unit = condition.layer, {condition.layer: condition.direction}
-    disable = getattr(model, "disable_adapter", None)
-    with disable() if callable(disable) else torch.no_grad():
+    with _on_base_model(model):
         rates = {}
         for key, prompts in (("tpr", positive), ("fpr", negative)):
             scores = _layer_features(model, tokenizer, prompts, [layer], unit, condition.measure, batch_size, key)
             rates[key] = int(decide(scores[layer], condition.threshold, condition.comparator).sum()) / len(prompts)
     return {**rates, "n_positive": len(positive), "n_negative": len(negative)}
+
+
+def _on_base_model(model: nn.Module) -> Any:
+    """A PEFT model's ``disable_adapter()`` context (conditions are read on the base model), else ``no_grad``."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else torch.no_grad()
 
 
 def _mean_difference_units(
