@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .cli_locate import add_locate_parser, load_pairs, parse_positions
 from .cli_run import add_run_parser
@@ -242,7 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     add_locate_parser(sub)
+    _add_lens_parser(sub)
+    _add_train_parser(sub)
+    _add_steer_parser(sub)
+    _add_export_parser(sub)
+    _add_eval_parser(sub)
 
+    add_run_parser(sub)
+    add_sae_parser(sub)
+    return parser
+
+
+def _add_lens_parser(sub: Any) -> None:
+    """The logit-lens subcommand."""
     lens = sub.add_parser("lens", help="Logit lens: decode every layer's residual stream.")
     _add_model_arg(lens)
     lens.add_argument("--prompt", required=True)
@@ -252,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--plot", default=None, help="PNG path for the target-probability plot.")
     lens.set_defaults(func=cmd_lens)
 
+
+def _add_train_parser(sub: Any) -> None:
+    """The ``train`` subcommand: TRL SFT or DPO of a sparse or LoRA adapter."""
     tr = sub.add_parser("train", help="Fine-tune located components (or a LoRA baseline) with TRL.")
     _add_model_arg(tr)
     tr.add_argument(
@@ -285,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=cmd_train)
 
+
+def _add_steer_parser(sub: Any) -> None:
+    """The ``steer`` subcommand: build a steering adapter and compare generations."""
     st = sub.add_parser("steer", help="Build a steering adapter and compare generations side by side.")
     _add_model_arg(st)
     st.add_argument("--data", help="Contrastive pairs to compute diff-in-means directions from.")
@@ -300,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", help="Save the steering adapter here.")
     st.set_defaults(func=cmd_steer)
 
+
+def _add_export_parser(sub: Any) -> None:
+    """The ``export`` subcommand: sparse to LoRA or GGUF LoRA, steering to a control vector."""
     ex = sub.add_parser(
         "export",
         help="Export an adapter: sparse -> LoRA folder (lora) or llama.cpp LoRA GGUF (gguf-lora), "
@@ -314,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--with-base", action="store_true", help="Load the embedded base model for scale modes.")
     ex.set_defaults(func=cmd_export)
 
+
+def _add_eval_parser(sub: Any) -> None:
+    """The ``eval`` subcommand: refusal, over-refusal and KL on prompt files."""
     ev = sub.add_parser("eval", help="Refusal, over-refusal and KL of a model or adapter on prompt files.")
     _add_model_arg(ev)
     ev.add_argument("--adapter", help="PEFT adapter folder to evaluate on top of the model.")
@@ -323,10 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=32)
     ev.add_argument("--out", help="Write the report JSON here.")
     ev.set_defaults(func=cmd_eval)
-
-    add_run_parser(sub)
-    add_sae_parser(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

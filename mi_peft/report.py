@@ -1,4 +1,4 @@
-"""Run reports: ``report.md`` with the comparison table, plus PNG plots."""
+"""Run reports: ``report.md`` with the comparison table and verdicts (plots come from :mod:`mi_peft.report_plots`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ._io import write_text_atomically  # noqa: E402
-from .locate.result import KINDS as LOCALIZATION_KINDS  # noqa: E402
-from .scoring import is_missing  # noqa: E402
+from ._io import write_text_atomically
+from .report_plots import write_plots
+from .scoring import is_missing
 
 TABLE_COLUMNS = (
     ("variant", "variant", "{}"),
@@ -65,106 +60,6 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
-
-
-def _finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str) -> Path:
-    """Label, save and close a figure."""
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _plot_sweep(path: Path, steering: dict[str, Any], labels: tuple[str, str]) -> Path:
-    sweep = steering["sweep"]
-    alphas = [r["alpha"] for r in sweep]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(alphas, [r["target"] for r in sweep], "o-", label=labels[0])
-    if not all(is_missing(r.get("side")) for r in sweep):
-        ax.plot(alphas, [r["side"] for r in sweep], "s--", label=labels[1])
-    return _finish(
-        fig, ax, path, "alpha (added to the residual stream)", "rate on validation prompts", "additive steering sweep"
-    )
-
-
-def _plot_losses(path: Path, losses: dict[str, list[float]]) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, values in losses.items():
-        if values:
-            ax.plot(range(1, len(values) + 1), values, label=name)
-    return _finish(fig, ax, path, "logging step", "training loss", "training loss")
-
-
-def _errors(rows: list[dict[str, Any]], key: str) -> list[list[float]]:
-    """Asymmetric error bars from each row's Wilson interval (0 where a row has none)."""
-    low = [r[key] - r[f"{key}_low"] if f"{key}_low" in r else 0.0 for r in rows]
-    high = [r[f"{key}_high"] - r[key] if f"{key}_high" in r else 0.0 for r in rows]
-    return [low, high]
-
-
-def _plot_bars(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) -> Path:
-    names = [r["variant"] + (f" @{r['trainable_pct']:.3g}%" if r.get("budget") else "") for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    x = range(len(rows))
-    target = [r["target"] for r in rows]
-    ax.bar([i - 0.2 for i in x], target, width=0.4, label=labels[0], yerr=_errors(rows, "target"), capsize=2)
-    if not all(is_missing(r.get("side")) for r in rows):
-        side = [0.0 if is_missing(r.get("side")) else r["side"] for r in rows]
-        ax.bar([i + 0.2 for i in x], side, width=0.4, label=labels[1], yerr=_errors(rows, "side"), capsize=2)
-    ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=7)
-    ax.set_ylim(0, 1)
-    return _finish(fig, ax, path, None, "rate on held-out prompts (95% CI)", "target and side metrics per variant")
-
-
-_SERIES = {
-    "located": ("sparse located", "o-"),
-    "random": ("sparse random", "s--"),
-    "lora_matched": ("LoRA matched", "^:"),
-}
-
-
-def _plot_pareto(path: Path, rows: list[dict[str, Any]], labels: tuple[str, str]) -> Path:
-    """Trainable % (log) against the target and side rates, one line per adapter kind, with Wilson bars."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
-    for axis, key, label in zip(axes, ("target", "side"), labels, strict=True):
-        for adapter, (name, style) in _SERIES.items():
-            series = sorted(
-                (
-                    r
-                    for r in rows
-                    if r.get("adapter") == adapter and r.get("method") == "sft" and not r.get("conditional")
-                ),
-                key=lambda r: r["trainable_pct"],
-            )
-            if series and not all(is_missing(r.get(key)) for r in series):
-                axis.errorbar(
-                    [r["trainable_pct"] for r in series],
-                    [r[key] for r in series],
-                    yerr=_errors(series, key),
-                    fmt=style,
-                    capsize=3,
-                    label=name,
-                )
-        axis.set_xscale("log")
-        # ticks at the budgets (the first series' sizes; the others match within 10%): minor labels overlap
-        first = next((a for a in _SERIES if any(r.get("adapter") == a for r in rows)), None)
-        ticks = sorted({r["trainable_pct"] for r in rows if r.get("method") == "sft" and r.get("adapter") == first})
-        axis.set_xticks(ticks, [f"{t:.2g}%" for t in ticks])
-        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.set_ylim(0, 1)
-        axis.set_title(label, fontsize=9)
-        axis.set_xlabel("trainable parameters (% of model, log scale)")
-    axes[0].set_ylabel("rate on held-out prompts (95% CI)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _interval_text(interval: Any) -> str:
@@ -305,29 +200,14 @@ def results_json(results: dict[str, Any]) -> str:
     return json.dumps(_json_safe(results), indent=2, default=str, allow_nan=False)
 
 
-def _localization_plots(plots: Path, localization: Any) -> list[Path]:
-    """The localization's plots, drawn anew; without a localization (``None``), the ones an earlier write left."""
-    if localization is not None:
-        return localization.plot(plots)
-    return [plots / f"{kind}.png" for kind in LOCALIZATION_KINDS if (plots / f"{kind}.png").is_file()]
-
-
 def write_report(out: Path, results: dict[str, Any], localization: Any | None) -> Path:
     """Write plots and ``report.md`` for a finished run; return the report path.
 
     ``localization`` (a :class:`~mi_peft.locate.LocalizationResult`) draws the score plots; ``None`` keeps
     those already in ``out/plots`` (a report refreshed from ``results.json`` alone).
     """
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
     labels = _metric_labels(results["recipe"]["evaluate"])
-    written = [p.relative_to(out) for p in _localization_plots(plots, localization)]
-    written.append(_plot_sweep(plots / "steering_sweep.png", results["steering"], labels).relative_to(out))
-    if any(results["losses"].values()):
-        written.append(_plot_losses(plots / "training_loss.png", results["losses"]).relative_to(out))
-    written.append(_plot_bars(plots / "metrics.png", results["variants"], labels).relative_to(out))
-    if len({r.get("budget") for r in results["variants"] if r.get("adapter") == "located"}) > 1:
-        written.append(_plot_pareto(plots / "budget_pareto.png", results["variants"], labels).relative_to(out))
+    written = write_plots(out, results, localization, labels)
 
     recipe, val, steer = results["recipe"], results["validation"], results["steering"]
     lines = [
@@ -369,6 +249,18 @@ def write_report(out: Path, results: dict[str, Any], localization: Any | None) -
         "",
         *_alpha_table("alpha", steer["sweep"]),
     ]
+    lines += _steering_extra_lines(steer)
+    lines += ["## Plots", "", *[f"![{p.stem}]({p.as_posix()})" for p in written], ""]
+    lines += ["## Timings (s)", "", *[f"- {k}: {v:.1f}" for k, v in results["timings"].items()], ""]
+    lines += _environment_lines(results.get("environment"))
+    path = out / "report.md"
+    write_text_atomically(path, "\n".join(lines))
+    return path
+
+
+def _steering_extra_lines(steer: dict[str, Any]) -> list[str]:
+    """The conditional-steering condition (with its held-out selection rates), ITI and SAE steering sections."""
+    lines: list[str] = []
     if "condition" in steer:
         cond = steer["condition"]
         lines += [f"Conditional steering condition: `{cond}`", ""]
@@ -383,12 +275,7 @@ def write_report(out: Path, results: dict[str, Any], localization: Any | None) -
         lines += _iti_lines(steer["iti"])
     if "sae" in steer:
         lines += _sae_lines(steer["sae"])
-    lines += ["## Plots", "", *[f"![{p.stem}]({p.as_posix()})" for p in written], ""]
-    lines += ["## Timings (s)", "", *[f"- {k}: {v:.1f}" for k, v in results["timings"].items()], ""]
-    lines += _environment_lines(results.get("environment"))
-    path = out / "report.md"
-    write_text_atomically(path, "\n".join(lines))
-    return path
+    return lines
 
 
 def _environment_lines(env: dict[str, Any] | None) -> list[str]:
