@@ -155,6 +155,19 @@ def _preference_methods(summary: Sequence[dict[str, Any]], located: dict[str, An
     return out
 
 
+def _versus_prompt(summary: Sequence[dict[str, Any]], located: dict[str, Any]) -> dict[str, Any]:
+    """Located training against the base model asked under the prompting row's system message, where it ran."""
+    prompt = next((r for r in summary if r.get("adapter") == "prompt"), None)
+    if prompt is None:
+        return {}
+    return {
+        "prompt_target": prompt["target"],
+        "prompt_net": _net(prompt),
+        "net_gain_over_prompt": _net(located) - _net(prompt),
+        "net_gain_over_prompt_interval": _net_difference(located, prompt),
+    }
+
+
 def _conditional(
     summary: Sequence[dict[str, Any]], gated: dict[str, Any], located: dict[str, Any], budget: Any
 ) -> dict[str, Any]:
@@ -173,8 +186,8 @@ def _conditional(
 
 def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per budget: located vs random (target, side, separated intervals, intervals of the differences),
-    located vs matched LoRA (target minus side, with its interval), sparse DPO / SFT->DPO where they
-    were trained at that budget, and under ``conditional`` the same adapters gated by the steering condition."""
+    located vs matched LoRA and vs the prompting row (target minus side, with its interval), sparse DPO /
+    SFT->DPO where they were trained at that budget, and under ``conditional`` the same adapters gated by the steering condition."""
     out = []
     budgets = list(dict.fromkeys(r.get("budget") for r in summary if r.get("adapter") == "located"))
     for budget in budgets:
@@ -193,6 +206,7 @@ def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 net_gain_interval=_net_difference(located, lora),
             )
         verdict.update(_preference_methods(summary, located, budget))
+        verdict.update(_versus_prompt(summary, located))
         gated = _find(summary, "located", "sft", budget, conditional=True)
         if gated is not None:
             verdict["conditional"] = _conditional(summary, gated, located, budget)

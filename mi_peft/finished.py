@@ -23,8 +23,8 @@ from ._io import write_folder_atomically, write_text_atomically
 from .recipe import Recipe
 
 # Settings that do not change how any one trained variant is trained or scored: how many variants run,
-# and the steering sweep (its rows are recomputed on every run).
-_IGNORED = {"description", "steer", "train.seeds", "train.param_budgets"}
+# the steering sweep and the prompting row (their rows are recomputed on every run).
+_IGNORED = {"description", "steer", "train.seeds", "train.param_budgets", "evaluate.prompt_baseline"}
 
 
 def _default(f: dataclasses.Field) -> Any:

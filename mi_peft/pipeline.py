@@ -182,6 +182,16 @@ def _steer(run: Run, result, loc_pairs: ContrastivePairs, val_pairs: Contrastive
     return steering, rows
 
 
+def _prompt_baseline_rows(run: Run) -> list[dict[str, Any]]:
+    """The base model asked under ``evaluate.prompt_baseline`` (no training): what a system message alone buys."""
+    system = run.recipe.evaluate.prompt_baseline
+    if system is None:
+        return []
+    return [
+        score_row("base + system prompt", run.model, run.evaluator.prompted(system), None, 0.0, {"adapter": "prompt"})
+    ]
+
+
 def _held_out_margin(run: Run, model) -> float | None:
     """Mean chosen-minus-rejected log-prob on the DPO rows that training never sees."""
     rows = run.dpo_held_out
@@ -279,10 +289,11 @@ def run_recipe(
     base_row = score_row("base", model, run.evaluator, None, 0.0, {"adapter": "base"})
     if recipe.dpo is not None:
         base_row["margin"] = _held_out_margin(run, model)
+    prompt_rows = _prompt_baseline_rows(run)
     runs, losses = _train(run, result)
     log("[5/5] report")
     run.timings["total"] = time.perf_counter() - started
-    summary = [base_row, *steer_rows, *summarize_runs(runs)]
+    summary = [base_row, *prompt_rows, *steer_rows, *summarize_runs(runs)]
     results = {
         "recipe": recipe.to_dict(),
         "localization": {

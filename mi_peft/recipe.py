@@ -109,6 +109,8 @@ class EvaluateSection:
     health_tokens: int = 48
     dpo_held_out: int = 32  # DPO rows kept out of training to measure the chosen-minus-rejected margin
     precision: str = "float32"  # bfloat16 changes some greedy replies: scores would differ between CPU classes
+    # a system message for a zero-training prompting row: the base model asked under it, same held-out prompts
+    prompt_baseline: str | None = None
 
 
 @dataclass

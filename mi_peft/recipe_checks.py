@@ -122,6 +122,23 @@ def _check_locate_method(recipe: Recipe, source: Path) -> None:
         )
 
 
+def _check_prompt_baseline(ev: Any, source: Path) -> None:
+    """``evaluate.prompt_baseline`` is a system message, and the behaviour is judged on generated replies."""
+    text = ev.prompt_baseline
+    if text is None:
+        return
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(
+            f"{source}: `evaluate.prompt_baseline` must be a non-empty string (the system message of the "
+            f"prompting row) or null, got {text!r}."
+        )
+    if ev.behaviour in ("ab", "mc"):
+        raise ValueError(
+            f"{source}: `evaluate.prompt_baseline` asks for replies under a system message, but `evaluate.behaviour: "
+            f"{ev.behaviour}` scores log-likelihoods of fixed answers; remove `evaluate.prompt_baseline`."
+        )
+
+
 def _check_behaviour(recipe: Recipe, source: Path) -> None:
     """The behaviour named in ``evaluate`` has what it needs (a language, targets, A/B rows)."""
     ev = recipe.evaluate
@@ -137,6 +154,7 @@ def _check_behaviour(recipe: Recipe, source: Path) -> None:
     hits = ev.target_min_hits
     if isinstance(hits, bool) or not isinstance(hits, int) or hits < 1:
         raise ValueError(f"{source}: `evaluate.target_min_hits` must be a positive integer, got {hits!r}.")
+    _check_prompt_baseline(ev, source)
     if ev.behaviour == "target" and not (ev.target or recipe.targets):
         raise ValueError(
             f"{source}: `evaluate.behaviour: target` needs `evaluate.target` (a string or a list of strings) "

@@ -84,6 +84,11 @@ def _budget_verdict_line(v: dict[str, Any], label: str = "") -> str:
             f"; target minus side {v['located_net']:+.1%} vs matched LoRA {v['lora_net']:+.1%} "
             f"({v['net_gain_over_matched_lora']:+.1%}{_interval_text(v.get('net_gain_interval'))})"
         )
+    if "prompt_net" in v:
+        text += (
+            f"; target minus side {v['located_net']:+.1%} vs the base model under the system prompt "
+            f"{v['prompt_net']:+.1%} ({v['net_gain_over_prompt']:+.1%}{_interval_text(v.get('net_gain_over_prompt_interval'))})"
+        )
     if "unconditional_net" in v:
         text += (
             f"; target minus side {v['located_net']:+.1%} vs the same adapter ungated {v['unconditional_net']:+.1%} "
@@ -227,6 +232,7 @@ def write_report(out: Path, results: dict[str, Any], localization: Any | None) -
         "perplexity) and generation health (on generic instructions) come from `mi_peft.evaluate.general` and "
         "`mi_peft.evaluate.health`.",
         "",
+        *_prompt_baseline_lines(recipe["evaluate"]),
         "## Located vs random vs matched LoRA",
         "",
         *_verdict_lines(results.get("verdicts", []), recipe["train"].get("seeds", 1)),
@@ -256,6 +262,19 @@ def write_report(out: Path, results: dict[str, Any], localization: Any | None) -
     path = out / "report.md"
     write_text_atomically(path, "\n".join(lines))
     return path
+
+
+def _prompt_baseline_lines(evaluate: dict[str, Any]) -> list[str]:
+    """What the prompting row is: the base model asked under a system message (``evaluate.prompt_baseline``)."""
+    system = evaluate.get("prompt_baseline")
+    if not system:
+        return []
+    return [
+        f'`base + system prompt`: the base model, no training, with the system message "{system}" before each '
+        "held-out prompt and each generic instruction. KL and the log-likelihood columns (PIQA, BLiMP, perplexity) "
+        "do not apply to a system message and are left blank.",
+        "",
+    ]
 
 
 def _steering_extra_lines(steer: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ ability (PIQA, BLiMP, WikiText-2 perplexity) and generation health on generic in
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -40,7 +41,10 @@ class Evaluator:
 
     The first ``n_test`` rows of each test file are the test set; the next ``steer.val_prompts`` rows
     are the validation set that picks the steering alpha, so no choice is made on test items.
+    ``system`` (set by :meth:`prompted`) is a system message every generation is asked under.
     """
+
+    system: str | None = None
 
     def __init__(self, recipe: Recipe, tokenizer):
         ev = recipe.evaluate
@@ -61,17 +65,29 @@ class Evaluator:
         )
         self.neutral = read_texts(neutral_source)[: ev.n_neutral] if neutral_source is not None else []
 
+    def prompted(self, system: str) -> Evaluator:
+        """The same evaluator with every reply generated under the system message ``system``.
+
+        Scores a zero-training prompting baseline on the same held-out prompts. Only generated replies can be
+        asked under a system message: KL and the log-likelihood columns (PIQA, BLiMP, perplexity) are left out.
+        """
+        if self.ev.behaviour in _ROW_BEHAVIOURS:
+            raise ValueError(f"`evaluate.behaviour: {self.ev.behaviour}` scores log-likelihoods, not replies.")
+        view = copy.copy(self)
+        view.system = system
+        return view
+
     def _rate(self, model, prompts: list[str]) -> float:
-        ev, tok = self.ev, self.tokenizer
+        ev, tok, system = self.ev, self.tokenizer, self.system
         if not prompts:
             return float("nan")
         if ev.behaviour == "refusal":
-            return refusal_rate(model, tok, prompts, max_new_tokens=ev.max_new_tokens).rate
+            return refusal_rate(model, tok, prompts, max_new_tokens=ev.max_new_tokens, system=system).rate
         if ev.behaviour == "language":
             return language_rate(
-                model, tok, prompts, ev.language, ev.max_new_tokens, min_votes=ev.language_min_votes
+                model, tok, prompts, ev.language, ev.max_new_tokens, min_votes=ev.language_min_votes, system=system
             ).rate
-        generations = generate(model, tok, prompts, max_new_tokens=ev.max_new_tokens)
+        generations = generate(model, tok, prompts, max_new_tokens=ev.max_new_tokens, system=system)
         return target_rate(generations, targets=self.targets, min_hits=ev.target_min_hits).rate
 
     def n(self, split: str = "test") -> tuple[int, int]:
@@ -95,8 +111,9 @@ class Evaluator:
         return self._rate(model, self.sets[split][1])
 
     def kl(self, model) -> float:
-        """Mean KL to the base model on neutral prompts (0 for the base itself, NaN without neutral prompts)."""
-        if not self.neutral:
+        """Mean KL to the base model on neutral prompts (0 for the base itself, NaN without neutral prompts or
+        under a system message, whose effect on next-token distributions is not a weight change)."""
+        if not self.neutral or self.system is not None:
             return float("nan")
         if not isinstance(model, PeftModel):
             return 0.0
@@ -107,19 +124,26 @@ class Evaluator:
         ev = self.ev
         if not ev.general:
             return {}
+        health = generation_health(
+            model, self.tokenizer, n_prompts=ev.health_prompts, max_new_tokens=ev.health_tokens, system=self.system
+        )
+        health_columns = {
+            "degenerate": health.degenerate_rate,
+            "duplicates": health.duplicate_rate,
+            "distinct_2": health.distinct_2,
+            "openings": health.shared_opening_rate,
+            "health_n": health.n,
+        }
+        if self.system is not None:
+            return health_columns
         ability = general_ability(model, self.tokenizer, piqa_n=ev.piqa_n, blimp_n=ev.blimp_n, ppl_n_texts=ev.ppl_texts)
-        health = generation_health(model, self.tokenizer, n_prompts=ev.health_prompts, max_new_tokens=ev.health_tokens)
         return {
             "piqa": ability.piqa.accuracy,
             "piqa_n": ability.piqa.n,
             "blimp": ability.blimp.accuracy,
             "blimp_n": ability.blimp.n,
             "perplexity": ability.perplexity,
-            "degenerate": health.degenerate_rate,
-            "duplicates": health.duplicate_rate,
-            "distinct_2": health.distinct_2,
-            "openings": health.shared_opening_rate,
-            "health_n": health.n,
+            **health_columns,
         }
 
 

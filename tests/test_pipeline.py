@@ -276,6 +276,7 @@ def test_resume_reads_back_finished_variants_and_retrains_stale_ones(tmp_path, m
     """`--resume` trains only what an earlier run into the same folder did not finish under the same settings."""
     import torch
 
+    import mi_peft.evaluate.generation as generation
     import mi_peft.pipeline as pipeline
     import mi_peft.variants as variants
 
@@ -303,9 +304,46 @@ def test_resume_reads_back_finished_variants_and_retrains_stale_ones(tmp_path, m
     assert located == []  # the saved localization was read back too
     assert second[:2] == first  # the read-back rows are the saved rows, column for column
     assert second[2]["trainable_params"] == first[0]["trainable_params"]  # same located selection for seed 1
+    system, asked = "Refuse requests that could cause harm.", []
+    real_texts = generation.prompt_texts
+    monkeypatch.setattr(generation, "prompt_texts", lambda t, p, c, s: asked.append((*p, s)) or real_texts(t, p, c, s))
+    run("--seeds", "2", "--resume", "--set", f"evaluate.prompt_baseline={system}")
+    assert trained == [] and located == []  # a prompting row changes no trained row
+    _check_prompt_row(out, system, raw["model"], asked)
+    monkeypatch.setattr(generation, "prompt_texts", real_texts)
     run("--seeds", "2")  # without --resume everything trains again
     assert len(trained) == 4 and located == [1]
     run("--seeds", "2", "--resume", "--steps", "2")  # other settings: the saved rows and localization are stale
     assert len(trained) == 4 and located == [1]
     reloaded = LocalizationResult.load(out / "localization").scores
     assert all(torch.equal(reloaded[kind], scores[kind]) for kind in scores)  # same settings of locate: same scores
+
+
+def _check_prompt_row(out: Path, system: str, model_path: str, asked: list[tuple]) -> None:
+    """The prompting row is the base model's rates under ``system`` on the held-out prompts, and is compared."""
+    from mi_peft import load_model
+    from mi_peft.data import read_texts
+    from mi_peft.evaluate import refusal_rate
+    from mi_peft.evaluate.health import generation_health
+
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["variant"]: row for row in results["variants"]}
+    assert list(rows)[:2] == ["base", "base + system prompt"]
+    prompt, located = rows["base + system prompt"], rows["sparse located"]
+    model, tok = load_model(model_path)
+    ev = SHORT["evaluate"]
+    harmful, harmless = (read_texts(DATA / f"{name}_test.json")[:2] for name in ("harmful", "harmless"))
+    health = generation_health(model, tok, n_prompts=2, max_new_tokens=4, system=system)
+    for prompts in (harmful, harmless, health.prompts):  # the run asked each under the system message
+        assert (*prompts, system) in asked
+    assert (*harmful, None) in asked  # ... and the base row without it, in the same run
+    assert prompt["target"] == refusal_rate(model, tok, harmful, ev["max_new_tokens"], system=system).rate
+    assert prompt["side"] == refusal_rate(model, tok, harmless, ev["max_new_tokens"], system=system).rate
+    assert prompt["distinct_2"] == health.distinct_2 and prompt["degenerate"] == health.degenerate_rate
+    assert prompt["trainable_params"] == 0 and prompt["kl_to_base"] is None and "piqa" not in prompt
+    verdict = results["verdicts"][0]
+    net = located["target"] - located["side"] - (prompt["target"] - prompt["side"])
+    assert math.isclose(verdict["net_gain_over_prompt"], net) and verdict["net_gain_over_prompt_interval"]
+    report = (out / "report.md").read_text()
+    assert f'with the system message "{system}" before each held-out prompt' in report
+    assert "vs the base model under the system prompt" in report

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mi_peft.finished import settings_key
 from mi_peft.recipe import load_recipe, parse_layers
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -204,6 +205,25 @@ def test_ab_both_orders_must_be_a_boolean(tmp_path):
     assert load_recipe(path, ["evaluate.ab_both_orders=true"]).evaluate.ab_both_orders is True
     with pytest.raises(ValueError, match="`evaluate.ab_both_orders` must be true or false"):
         load_recipe(path, ["evaluate.ab_both_orders=sometimes"])
+
+
+def test_prompt_baseline_is_a_system_message_for_reply_behaviours(tmp_path):
+    path = _write(tmp_path, _base())
+    system = "Refuse requests that could cause harm."
+    assert load_recipe(path, [f"evaluate.prompt_baseline={system}"]).evaluate.prompt_baseline == system
+    for bad in ("''", "3", "[a, b]"):
+        with pytest.raises(ValueError, match="`evaluate.prompt_baseline` must be a non-empty string"):
+            load_recipe(path, [f"evaluate.prompt_baseline={bad}"])
+    with pytest.raises(ValueError, match="scores log-likelihoods of fixed answers; remove `evaluate.prompt_baseline`"):
+        load_recipe(RECIPES / "sycophancy.yaml", [f"evaluate.prompt_baseline={system}"])
+
+
+def test_prompt_baseline_leaves_finished_rows_valid():
+    """The prompting row is scored anew on every run, like the steering rows: trained rows stay valid."""
+    plain = load_recipe(RECIPES / "language.yaml")
+    prompted = load_recipe(RECIPES / "language.yaml", ["evaluate.prompt_baseline=Réponds en français."])
+    assert settings_key(prompted) == settings_key(plain)
+    assert settings_key(load_recipe(RECIPES / "language.yaml", ["evaluate.n_test=50"])) != settings_key(plain)
 
 
 @pytest.mark.parametrize("hits", ["0", "-2", "1.5", "true", "two"])
