@@ -142,14 +142,19 @@ def test_every_shipped_recipe_runs(tmp_path, name):
         assert "metric_negative" not in localization.extra
     results = json.loads((out / "results.json").read_text())
     names = [row["variant"] for row in results["variants"]]
-    assert names[0] == "base" and names[1].startswith("steering add")
+    prompted = name != "sycophancy.yaml"  # the others ask a prompting row under their `evaluate.prompt_baseline`
+    assert names[0] == "base" and (names[1] == "base + system prompt") == prompted
+    assert names[1 + prompted].startswith("steering add")
     assert {"sparse located", "sparse random", "LoRA r=8"} <= set(names)
     assert ("sparse located DPO" in names) == (name == "sycophancy.yaml")
     assert any(n.startswith("SAE latents add") for n in names) == (name == "sentiment.yaml")
     for row in results["variants"]:
         assert 0.0 <= row["target"] <= 1.0, row
         assert row["side"] is None or 0.0 <= row["side"] <= 1.0, row
-        assert row["kl_to_base"] is not None and row["kl_to_base"] >= 0.0, row
+        if row["adapter"] == "prompt":  # a system message is no weight change: no KL, no log-likelihood columns
+            assert row["kl_to_base"] is None and "piqa" not in row and 0.0 <= row["degenerate"] <= 1.0, row
+        else:
+            assert row["kl_to_base"] is not None and row["kl_to_base"] >= 0.0, row
     assert math.isfinite(results["validation"]["top_effect"])
     assert comparison_table(results["variants"]) in (out / "report.md").read_text()
 
