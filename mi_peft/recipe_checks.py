@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 BEHAVIOURS = ("refusal", "language", "ab", "target", "mc")
+# behaviours scored on log-likelihoods of the fixed answers of `data.test_positive` rows (A/B items,
+# multiple choice), not on generated replies
+ROW_BEHAVIOURS = ("ab", "mc")
 
 
 def parse_layers(value: str | int | Sequence[int] | None) -> list[int] | None:
@@ -132,7 +135,7 @@ def _check_prompt_baseline(ev: Any, source: Path) -> None:
             f"{source}: `evaluate.prompt_baseline` must be a non-empty string (the system message of the "
             f"prompting row) or null, got {text!r}."
         )
-    if ev.behaviour in ("ab", "mc"):
+    if ev.behaviour in ROW_BEHAVIOURS:
         raise ValueError(
             f"{source}: `evaluate.prompt_baseline` asks for replies under a system message, but `evaluate.behaviour: "
             f"{ev.behaviour}` scores log-likelihoods of fixed answers; remove `evaluate.prompt_baseline`."

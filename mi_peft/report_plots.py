@@ -1,7 +1,7 @@
 """The PNG plots of a run report: steering sweep, training losses, per-variant metrics and the budget Pareto plot.
 
-Kept apart from the markdown in :mod:`mi_peft.report` so that the text of a report can be rebuilt and tested
-without drawing, and so that each plot has one function.
+Kept apart from the markdown of :mod:`mi_peft.report`, which calls :func:`write_plots` once per report and
+links the paths it returns.
 """
 
 from __future__ import annotations

@@ -23,10 +23,8 @@ from .evaluate.generation import generate
 from .evaluate.health import generation_health
 from .precision import autocast
 from .recipe import Recipe
+from .recipe_checks import ROW_BEHAVIOURS
 from .stats import wilson_interval
-
-# behaviours scored on rows of `data.test_positive` (A/B items, multiple choice), with no side prompts
-_ROW_BEHAVIOURS = ("ab", "mc")
 
 
 def _target_strings(recipe: Recipe) -> list[str]:
@@ -50,7 +48,7 @@ class Evaluator:
         ev = recipe.evaluate
         self.recipe, self.tokenizer, self.ev = recipe, tokenizer, ev
         n, v = ev.n_test, recipe.steer.val_prompts
-        if ev.behaviour in _ROW_BEHAVIOURS:
+        if ev.behaviour in ROW_BEHAVIOURS:
             rows = read_rows(recipe.test_positive)
             self.sets = {"test": (rows[:n], []), "val": (rows[n : n + v], [])}
             if ev.behaviour == "mc":  # parsed once here, not once per scored variant
@@ -61,7 +59,7 @@ class Evaluator:
             self.sets = {"test": (pos[:n], neg[:n]), "val": (pos[n : n + v], neg[n : n + v])}
         self.targets = _target_strings(recipe)
         neutral_source = recipe.neutral or (
-            None if ev.behaviour in _ROW_BEHAVIOURS else recipe.test_negative or recipe.test_positive
+            None if ev.behaviour in ROW_BEHAVIOURS else recipe.test_negative or recipe.test_positive
         )
         self.neutral = read_texts(neutral_source)[: ev.n_neutral] if neutral_source is not None else []
 
@@ -71,7 +69,7 @@ class Evaluator:
         Scores a zero-training prompting baseline on the same held-out prompts. Only generated replies can be
         asked under a system message: KL and the log-likelihood columns (PIQA, BLiMP, perplexity) are left out.
         """
-        if self.ev.behaviour in _ROW_BEHAVIOURS:
+        if self.ev.behaviour in ROW_BEHAVIOURS:
             raise ValueError(f"`evaluate.behaviour: {self.ev.behaviour}` scores log-likelihoods, not replies.")
         view = copy.copy(self)
         view.system = system
