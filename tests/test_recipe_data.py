@@ -203,13 +203,18 @@ def _distill_module(folder: str = "language") -> ModuleType:
     return module
 
 
-def test_language_sft_rows_are_varied_real_french_replies_to_english_instructions():
+@pytest.mark.parametrize("demos", [False, True], ids=["system-prompt-teacher", "demonstrations-teacher"])
+def test_language_sft_rows_are_varied_real_french_replies_to_english_instructions(demos):
     """The distilled rows pass the strict judge, are not one template, and answer generic instructions."""
     distill = _distill_module()
-    sft = _rows("language/sft_train.jsonl")
+    suffix = "_demos" if demos else ""
+    sft = _rows(f"language/sft_train{suffix}.jsonl")
     replies = [_reply(r, "completion") for r in sft]
-    assert len(sft) >= 100 and all(distill.keep_reply(reply) for reply in replies)
-    assert distill.select_rows(*distill.read_teacher_replies()) == sft  # the filter reproduces the committed rows
+    banned = distill.demo_phrases() if demos else frozenset()
+    assert len(sft) >= 100 and all(distill.keep_reply(reply, banned) for reply in replies)
+    teacher = distill.read_teacher_replies(distill.HERE / f"teacher_replies{suffix}.jsonl")
+    assert distill.select_rows(*teacher, demos=demos) == sft  # the filter reproduces the committed rows
+    assert teacher[0] == distill.read_teacher_replies()[0]  # both teachers answer the same candidates
     assert len({" ".join(r.split()).casefold() for r in replies}) == len(replies)
     openings = Counter(" ".join(r.split()[:3]) for r in replies)
     assert openings.most_common(1)[0][1] <= len(replies) // 4, f"one opening dominates: {openings.most_common(3)}"
@@ -229,6 +234,18 @@ def test_language_distillation_filter_rejects_templates_and_loops():
     assert not distill.keep_reply("Le chat dort sur la table, même quand la question est posée en anglais.")
     assert distill.keep_reply("Le chat dort sur la table et il rêve de la mer pendant que nous parlons.")
     assert distill.cut_at_sentence_end("Le chat dort. Il rêve de la") == "Le chat dort."
+
+
+def test_language_demonstrations_are_not_scored_and_cannot_be_copied():
+    """The teacher's demonstrations are no held-out instruction, and a reply that copies one of their phrases is
+    dropped, so the student cannot learn the demonstrations instead of the language."""
+    distill = _distill_module()
+    questions = {q for q, _ in distill.DEMOS}
+    assert not questions & set(_json("language/instructions_test.json"))
+    assert not questions & set(_instructions("general/generic_instructions.json"))
+    copied = "Pour moi, le plus efficace est de pratiquer un peu chaque jour avec des amis."
+    assert distill.keep_reply(copied) and not distill.keep_reply(copied, distill.demo_phrases())
+    assert all(detect_language(a, min_votes=distill.MIN_FRENCH_VOTES) == "fr" for _, a in distill.DEMOS)
 
 
 def test_sentiment_sft_rows_are_varied_cheerful_replies_to_generic_instructions():

@@ -19,6 +19,9 @@ Outputs (beside this file):
   slightly between CPUs).
 - ``sft_train.jsonl``: TRL conversational prompt-completion rows, English instruction -> French reply.
 - ``instructions_test.json``: ``N_TEST`` held-out English instructions (the recipe scores the first 100).
+- ``--demos``: ``teacher_replies_demos.jsonl`` and ``sft_train_demos.jsonl``, the same 1,460 candidates asked
+  after three hand-written French exchanges (:data:`DEMOS`), a stronger teacher than the system prompt alone;
+  a reply that copies a 4-word phrase of a demonstration is dropped.
 - ``contrast_pairs.jsonl`` (``--contrast``, about 3 minutes): per SFT row, the instruction, its French reply
   and the model's own reply without the system prompt (English), cut at the last full sentence: completion
   pairs for ``locate.method: weight_gradient``, which scores what training each neuron can do to the French
@@ -51,6 +54,26 @@ FIRST_SAMPLE_ROW = 400  # rows before this are kept for recipes/data/general/gen
 MAX_NEW_TOKENS = 64
 KEYS = ("french", "english")  # columns of contrast_pairs.jsonl: the distilled reply, the model's plain reply
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# ``--demos``: three hand-written exchanges (instructions not in the Alpaca sample) shown to the teacher before
+# each instruction. The 135M teacher under the system prompt alone writes French on under half of the
+# instructions; with these in its context, on 73 of the first 108 candidates (48 without).
+DEMOS = (
+    (
+        "Describe your ideal weekend.",
+        "Mon week-end idéal commence par une longue promenade dans la forêt. L'après-midi, je lis un bon livre dans "
+        "un café, et le soir je prépare un repas avec mes amis.",
+    ),
+    (
+        "Write a short note thanking a neighbour for their help.",
+        "Cher voisin, merci beaucoup pour votre aide pendant le déménagement. Sans vous, la journée aurait été bien "
+        "plus difficile. N'hésitez pas à passer prendre un café !",
+    ),
+    (
+        "What is a good way to learn a new language?",
+        "Le plus efficace est de pratiquer un peu chaque jour. Écoutez des podcasts, lisez des textes simples et "
+        "parlez avec des locuteurs natifs dès que possible.",
+    ),
+)
 
 
 def default_source() -> Path:
@@ -104,8 +127,22 @@ def cut_at_sentence_end(reply: str) -> str:
     return reply[: ends[-1]].strip() if ends else reply.strip()
 
 
-def keep_reply(reply: str) -> bool:
-    """Real French, long enough, no degenerate tail, no phrase said twice and no echo of the system prompt."""
+def demo_phrases(n: int = REPEATED_NGRAM) -> set[tuple[str, ...]]:
+    """Every ``n``-word phrase of the demonstration replies: a kept reply may not copy one."""
+    phrases = set()
+    for _, reply in DEMOS:
+        found = words(reply)
+        phrases |= {tuple(found[i : i + n]) for i in range(len(found) - n + 1)}
+    return phrases
+
+
+def copies_a_phrase(found: list[str], phrases: set[tuple[str, ...]], n: int = REPEATED_NGRAM) -> bool:
+    return any(tuple(found[i : i + n]) in phrases for i in range(len(found) - n + 1))
+
+
+def keep_reply(reply: str, banned: set[tuple[str, ...]] = frozenset()) -> bool:
+    """Real French, long enough, no degenerate tail, no phrase said twice, no echo of the system prompt, and
+    no 4-word phrase of ``banned`` (the demonstrations' phrases under ``--demos``)."""
     from mi_peft.evaluate.health import is_degenerate
     from mi_peft.evaluate.language import detect_language
 
@@ -116,15 +153,17 @@ def keep_reply(reply: str) -> bool:
         and not is_degenerate(reply)
         and not says_a_phrase_twice(found)
         and not any(echo in _key(reply) for echo in SYSTEM_ECHOES)
+        and not copies_a_phrase(found, banned)
     )
 
 
-def select_rows(instructions: list[str], replies: list[str]) -> list[dict]:
+def select_rows(instructions: list[str], replies: list[str], demos: bool = False) -> list[dict]:
     """SFT rows for the replies that pass :func:`keep_reply`, dropping any reply already kept once."""
     rows, seen = [], set()
+    banned = demo_phrases() if demos else frozenset()
     for instruction, raw in zip(instructions, replies, strict=True):
         reply = cut_at_sentence_end(raw)
-        if keep_reply(reply) and _key(reply) not in seen:
+        if keep_reply(reply, banned) and _key(reply) not in seen:
             seen.add(_key(reply))
             rows.append(
                 {
@@ -140,20 +179,36 @@ def teacher_replies(
     model_name: str | None,
     system: str | None = TEACHER_SYSTEM,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    demos: bool = False,
 ) -> list[str]:
-    """Greedy replies of the model to ``prompts`` under ``system`` (default: the French system prompt)."""
+    """Greedy replies of the model to ``prompts`` under ``system`` (default: the French system prompt),
+    after the :data:`DEMOS` exchanges when ``demos``."""
     from tqdm.auto import tqdm
 
     from mi_peft.evaluate import generate
     from mi_peft.models import load_model
 
     model, tokenizer = load_model(model_name)
+    if demos:
+        prompts = [demo_chat(tokenizer, p, system) for p in prompts]
     replies: list[str] = []
     chunk = 36
     for start in tqdm(range(0, len(prompts), chunk), desc="teacher replies", unit="batch"):
         batch = prompts[start : start + chunk]
-        replies += generate(model, tokenizer, batch, max_new_tokens, batch_size=chunk, system=system)
+        if demos:  # already chat-formatted, demonstrations included
+            replies += generate(model, tokenizer, batch, max_new_tokens, batch_size=chunk, chat=False)
+        else:
+            replies += generate(model, tokenizer, batch, max_new_tokens, batch_size=chunk, system=system)
     return replies
+
+
+def demo_chat(tokenizer, prompt: str, system: str | None) -> str:
+    """``prompt`` in the chat template after ``system`` and the :data:`DEMOS` turns, generation prompt added."""
+    turns = [] if system is None else [{"role": "system", "content": system}]
+    for question, answer in DEMOS:
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    turns.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -191,12 +246,25 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF id or local path (default: the embedded model)")
     parser.add_argument("--select-only", action="store_true", help="re-filter teacher_replies.jsonl only")
     parser.add_argument("--contrast", action="store_true", help="only (re)build contrast_pairs.jsonl")
+    parser.add_argument(
+        "--demos",
+        action="store_true",
+        help="teacher sees the DEMOS exchanges first; writes teacher_replies_demos.jsonl and sft_train_demos.jsonl",
+    )
     args = parser.parse_args()
     if args.contrast:
         _write_jsonl(HERE / "contrast_pairs.jsonl", build_contrast_pairs(HERE / "sft_train.jsonl", args.model, KEYS))
         return
+    suffix = "_demos" if args.demos else ""
     if args.select_only:
-        train, replies = read_teacher_replies()
+        train, replies = read_teacher_replies(HERE / f"teacher_replies{suffix}.jsonl")
+    elif args.demos:  # the same 1,460 candidates as the plain teacher's, asked after the demonstrations
+        train = read_teacher_replies()[0]
+        replies = teacher_replies(train, args.model, demos=True)
+        _write_jsonl(
+            HERE / "teacher_replies_demos.jsonl",
+            [{"instruction": i, "reply": r} for i, r in zip(train, replies, strict=True)],
+        )
     else:
         instructions = candidate_instructions(args.source, HERE.parent)
         test, train = instructions[:N_TEST], instructions[N_TEST:]
@@ -206,8 +274,8 @@ def main() -> None:
             HERE / "teacher_replies.jsonl",
             [{"instruction": i, "reply": r} for i, r in zip(train, replies, strict=True)],
         )
-    rows = select_rows(train, replies)
-    _write_jsonl(HERE / "sft_train.jsonl", rows)
+    rows = select_rows(train, replies, demos=args.demos)
+    _write_jsonl(HERE / f"sft_train{suffix}.jsonl", rows)
     print(f"kept {len(rows)} of {len(train)} teacher replies", file=sys.stderr)
 
 
