@@ -173,7 +173,10 @@ def _recipe_strings() -> set[str]:
                 walk(v)
 
     for path in RECIPE_DATA.rglob("*.json*"):
-        if path.parent.name == "general":
+        # raw teacher logs are the distillation filter's input, never trained or scored on; the rows built
+        # from them are read (a demonstrations-teacher reply is itself the quiz question "What is the
+        # capital of France?", which the filter drops as English)
+        if path.parent.name == "general" or path.name.startswith("teacher_replies"):
             continue
         text = path.read_text(encoding="utf-8")
         walk(
