@@ -1,4 +1,4 @@
-import json
+import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -160,31 +160,11 @@ def test_generation_health_on_random_model_reports_its_replies():
 
 
 def _recipe_strings() -> set[str]:
-    found = set()
-
-    def walk(value):
-        if isinstance(value, str):
-            found.add(" ".join(value.split()).casefold())
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    for path in RECIPE_DATA.rglob("*.json*"):
-        # raw teacher logs are the distillation filter's input, never trained or scored on; the rows built
-        # from them are read (a demonstrations-teacher reply is itself the quiz question "What is the
-        # capital of France?", which the filter drops as English)
-        if path.parent.name == "general" or path.name.startswith("teacher_replies"):
-            continue
-        text = path.read_text(encoding="utf-8")
-        walk(
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-            if path.suffix == ".jsonl"
-            else json.loads(text)
-        )
-    return found
+    """The strings of every recipe data file by the generic-instruction builder's own rule (one rule)."""
+    spec = importlib.util.spec_from_file_location("general_build", RECIPE_DATA / "general" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return set(build.recipe_strings(RECIPE_DATA))
 
 
 def test_generic_instructions_are_held_out_and_unique():

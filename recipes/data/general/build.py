@@ -64,11 +64,19 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+RAW_TEACHER_LOGS = "teacher_replies"  # distillation filter input, never trained or scored on
+
+
 def recipe_strings(data_dir: Path, skip: Path = HERE) -> list[str]:
-    """Every string value in the ``recipes/data`` JSON / JSONL files outside ``skip``, normalised."""
+    """Every string value in the ``recipes/data`` JSON / JSONL files outside ``skip``, normalised.
+
+    Raw teacher logs (``teacher_replies*.jsonl``) are left out: they hold every reply a distillation teacher
+    wrote, kept or not, so an English reply the filter drops (one is the quiz question "What is the capital of
+    France?") would otherwise take a generic instruction away; the rows built from them are read.
+    """
     found: list[str] = []
     for path in sorted(data_dir.rglob("*.json*")):
-        if path.resolve().parent == skip:
+        if path.resolve().parent == skip or path.name.startswith(RAW_TEACHER_LOGS):
             continue
         text = path.read_text(encoding="utf-8")
         rows = (
