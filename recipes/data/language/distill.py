@@ -55,8 +55,8 @@ MAX_NEW_TOKENS = 64
 KEYS = ("french", "english")  # columns of contrast_pairs.jsonl: the distilled reply, the model's plain reply
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 # ``--demos``: three hand-written exchanges (instructions not in the Alpaca sample) shown to the teacher before
-# each instruction. The 135M teacher under the system prompt alone writes French on under half of the
-# instructions; with these in its context, on 73 of the first 108 candidates (48 without).
+# each instruction. The 135M teacher under the system prompt alone writes French on 45.5% of the 1,460
+# candidates (teacher_replies.jsonl); with these in its context, on 70.2% (teacher_replies_demos.jsonl).
 DEMOS = (
     (
         "Describe your ideal weekend.",
@@ -115,9 +115,14 @@ def words(text: str) -> list[str]:
     return _key(re.sub(r"[^\w\s']", " ", text)).split()
 
 
+def phrases(found: list[str], n: int = REPEATED_NGRAM) -> list[tuple[str, ...]]:
+    """Every run of ``n`` consecutive words of ``found``, in order."""
+    return [tuple(found[i : i + n]) for i in range(len(found) - n + 1)]
+
+
 def says_a_phrase_twice(found: list[str], n: int = REPEATED_NGRAM) -> bool:
     """Whether some ``n`` consecutive words occur twice: a looping reply, not an answer."""
-    ngrams = [tuple(found[i : i + n]) for i in range(len(found) - n + 1)]
+    ngrams = phrases(found, n)
     return len(ngrams) != len(set(ngrams))
 
 
@@ -129,15 +134,7 @@ def cut_at_sentence_end(reply: str) -> str:
 
 def demo_phrases(n: int = REPEATED_NGRAM) -> set[tuple[str, ...]]:
     """Every ``n``-word phrase of the demonstration replies: a kept reply may not copy one."""
-    phrases = set()
-    for _, reply in DEMOS:
-        found = words(reply)
-        phrases |= {tuple(found[i : i + n]) for i in range(len(found) - n + 1)}
-    return phrases
-
-
-def copies_a_phrase(found: list[str], phrases: set[tuple[str, ...]], n: int = REPEATED_NGRAM) -> bool:
-    return any(tuple(found[i : i + n]) in phrases for i in range(len(found) - n + 1))
+    return {phrase for _, reply in DEMOS for phrase in phrases(words(reply), n)}
 
 
 def keep_reply(reply: str, banned: set[tuple[str, ...]] = frozenset()) -> bool:
@@ -153,7 +150,7 @@ def keep_reply(reply: str, banned: set[tuple[str, ...]] = frozenset()) -> bool:
         and not is_degenerate(reply)
         and not says_a_phrase_twice(found)
         and not any(echo in _key(reply) for echo in SYSTEM_ECHOES)
-        and not copies_a_phrase(found, banned)
+        and banned.isdisjoint(phrases(found))
     )
 
 
@@ -189,16 +186,14 @@ def teacher_replies(
     from mi_peft.models import load_model
 
     model, tokenizer = load_model(model_name)
-    if demos:
-        prompts = [demo_chat(tokenizer, p, system) for p in prompts]
+    context = {"system": system}
+    if demos:  # chat-formatted here, demonstrations included, so generate sends the text as it is
+        prompts, context = [demo_chat(tokenizer, p, system) for p in prompts], {"chat": False}
     replies: list[str] = []
     chunk = 36
     for start in tqdm(range(0, len(prompts), chunk), desc="teacher replies", unit="batch"):
         batch = prompts[start : start + chunk]
-        if demos:  # already chat-formatted, demonstrations included
-            replies += generate(model, tokenizer, batch, max_new_tokens, batch_size=chunk, chat=False)
-        else:
-            replies += generate(model, tokenizer, batch, max_new_tokens, batch_size=chunk, system=system)
+        replies += generate(model, tokenizer, batch, max_new_tokens, batch_size=chunk, **context)
     return replies
 
 
@@ -214,6 +209,11 @@ def demo_chat(tokenizer, prompt: str, system: str | None) -> str:
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write_teacher_replies(path: Path, instructions: list[str], replies: list[str]) -> None:
+    """The raw teacher log that :func:`read_teacher_replies` reads: one ``{"instruction", "reply"}`` per line."""
+    _write_jsonl(path, [{"instruction": i, "reply": r} for i, r in zip(instructions, replies, strict=True)])
 
 
 def read_teacher_replies(path: Path = HERE / "teacher_replies.jsonl") -> tuple[list[str], list[str]]:
@@ -261,19 +261,13 @@ def main() -> None:
     elif args.demos:  # the same 1,460 candidates as the plain teacher's, asked after the demonstrations
         train = read_teacher_replies()[0]
         replies = teacher_replies(train, args.model, demos=True)
-        _write_jsonl(
-            HERE / "teacher_replies_demos.jsonl",
-            [{"instruction": i, "reply": r} for i, r in zip(train, replies, strict=True)],
-        )
+        write_teacher_replies(HERE / "teacher_replies_demos.jsonl", train, replies)
     else:
         instructions = candidate_instructions(args.source, HERE.parent)
         test, train = instructions[:N_TEST], instructions[N_TEST:]
         replies = teacher_replies(train, args.model)
         (HERE / "instructions_test.json").write_text(json.dumps(test, ensure_ascii=False, indent=1) + "\n")
-        _write_jsonl(
-            HERE / "teacher_replies.jsonl",
-            [{"instruction": i, "reply": r} for i, r in zip(train, replies, strict=True)],
-        )
+        write_teacher_replies(HERE / "teacher_replies.jsonl", train, replies)
     rows = select_rows(train, replies, demos=args.demos)
     _write_jsonl(HERE / f"sft_train{suffix}.jsonl", rows)
     print(f"kept {len(rows)} of {len(train)} teacher replies", file=sys.stderr)

@@ -124,9 +124,7 @@ def main() -> None:
         done = LANGUAGE.read_teacher_replies(raw_path)[1] if raw_path.is_file() else []  # a longer list resumes
         prompts = [PERSONA.format(instruction=i) for i in instructions[len(done) :]]
         replies = done[: len(instructions)] + LANGUAGE.teacher_replies(prompts, args.model, None, MAX_NEW_TOKENS)
-        LANGUAGE._write_jsonl(
-            raw_path, [{"instruction": i, "reply": r} for i, r in zip(instructions, replies, strict=True)]
-        )
+        LANGUAGE.write_teacher_replies(raw_path, instructions, replies)
     rows = select_rows(instructions, replies)
     LANGUAGE._write_jsonl(HERE / "sft_instructions.jsonl", rows)
     print(f"kept {len(rows)} of {len(instructions)} teacher replies", file=sys.stderr)
