@@ -60,7 +60,8 @@ def test_shipped_recipes_pairs_load():
     for name in ("language_gradient.yaml", "sentiment_gradient.yaml"):
         recipe = load_recipe(RECIPES / name)
         pairs = ContrastivePairs.load(recipe.pairs, **{f"{k}_key": v for k, v in recipe.pair_keys.items()})
-        sft = [json.loads(line) for line in recipe.sft.read_text(encoding="utf-8").splitlines() if line]
+        rows = recipe.sft if name == "sentiment_gradient.yaml" else recipe.sft.with_name("sft_train.jsonl")
+        sft = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines() if line]
         assert pairs.prompts == [row["prompt"][0]["content"] for row in sft]  # one triple per training row
         assert pairs.positive == [row["completion"][0]["content"] for row in sft]
         assert all(plain and plain != taught for plain, taught in zip(pairs.negative, pairs.positive, strict=True))
