@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -96,3 +99,13 @@ def shared_data(*parts: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import the script at ``path`` (recipe builders, examples, benchmarks: not a package, some names start
+    with a digit). It is registered in ``sys.modules`` because dataclasses resolve annotations through it."""
+    spec = importlib.util.spec_from_file_location(f"script_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

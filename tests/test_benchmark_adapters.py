@@ -5,23 +5,14 @@ measured; this runs the whole script (in-process, so the forked peak-RSS childre
 the returned numbers and the printed tables, not any speed.
 """
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from test_cli import word_tokenizer_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "adapters.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def positive(value) -> bool:
@@ -34,7 +25,7 @@ def report(tmp_path_factory):
     import contextlib
     import io
 
-    bench = load_script()
+    bench = load_script(SCRIPT)
     folder = word_tokenizer_dir(tmp_path_factory.mktemp("tiny_bench"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_llama_with_real_tokenizer
+from conftest import load_script, make_tiny, tiny_llama_with_real_tokenizer
 from test_locate import one_thread  # noqa: F401  (autouse fixture: tiny models run single-threaded)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -26,9 +25,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def example(name: str):
     """Import ``examples/<name>.py`` (its name starts with a digit, so not with ``import``)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(EXAMPLES / f"{name}.py")
     return module
 
 

@@ -1,10 +1,9 @@
-import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import load_script, make_tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -161,9 +160,7 @@ def test_generation_health_on_random_model_reports_its_replies():
 
 def _recipe_strings() -> set[str]:
     """The strings of every recipe data file by the generic-instruction builder's own rule (one rule)."""
-    spec = importlib.util.spec_from_file_location("general_build", RECIPE_DATA / "general" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_script(RECIPE_DATA / "general" / "build.py")
     return set(build.recipe_strings(RECIPE_DATA))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -11,7 +10,7 @@ from types import ModuleType
 
 import conftest
 import pytest
-from conftest import shared_data
+from conftest import load_script, shared_data
 
 from mi_peft.data import ContrastivePairs
 from mi_peft.evaluate import swap_options, target_rate
@@ -60,9 +59,7 @@ def _instructions(relative: str) -> list[str]:
 
 
 def _build_module(folder: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"build_{folder}", DATA / folder / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(DATA / folder / "build.py")
     return module
 
 
@@ -197,9 +194,7 @@ def test_language_files_are_parallel():
 
 
 def _distill_module(folder: str = "language") -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"distill_{folder}", DATA / folder / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(DATA / folder / "distill.py")
     return module
 
 

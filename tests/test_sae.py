@@ -8,13 +8,13 @@ sae-lens is a required test dependency here: without it these tests FAIL with th
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import load_script
 from peft import PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -343,9 +343,7 @@ def test_example_runs_end_to_end_at_tiny_size(tmp_path, monkeypatch):
     monkeypatch.setenv("MI_PEFT_CACHE", str(tmp_path / "cache"))
     tiny_model().save_pretrained(tmp_path / "model")
     word_tokenizer().save_pretrained(tmp_path / "model")
-    spec = importlib.util.spec_from_file_location("sae_example", REPO / "examples" / "06_sae_features.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script(REPO / "examples" / "06_sae_features.py")
     out = tmp_path / "out"
     argv = ["--model", str(tmp_path / "model"), "--out", str(out), "--width", "256", "--k", "8", "--tokens", "1500"]
     argv += ["--epochs", "2", "--pairs", "4", "--eval-prompts", "4", "--eval-texts", "2", "--multipliers", "1", "4"]

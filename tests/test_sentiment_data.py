@@ -5,13 +5,13 @@ Fast: reads the committed files only (no model).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import load_script
 
 FOLDER = Path(__file__).resolve().parents[1] / "recipes" / "data" / "sentiment"
 PERSONA = re.compile(r"^Act as if you're extremely (\w+)\. Continue this text: (.+)$", re.DOTALL)
@@ -33,9 +33,7 @@ def _prefixes(name: str) -> list[str]:
 
 
 def _build_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_sentiment", FOLDER / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(FOLDER / "build.py")
     return module
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama_with_real_tokenizer
+from conftest import load_script, tiny_llama_with_real_tokenizer
 
 from mi_peft.cli import main
 from mi_peft.data import encode, format_prompts
@@ -28,9 +27,7 @@ def _json(name: str) -> list[dict]:
 
 
 def test_data_is_split_by_question_and_rebuilds_identically():
-    spec = importlib.util.spec_from_file_location("build_truthfulness", DATA / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_script(DATA / "build.py")
     parts = build.build()
     assert parts["test_mc"] == _json("test_mc.json") and parts["pairs"] == _json("pairs.json")
     sft = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text(encoding="utf-8").splitlines()]
