@@ -57,10 +57,11 @@ def test_shipped_recipes_pairs_load():
     keys = {f"{k}_key": v for k, v in syco.pair_keys.items()}
     pairs = ContrastivePairs.load(syco.pairs, **keys)
     assert pairs.prompts is not None and len(pairs) == 300 and pairs.positive[0] in ("(A)", "(B)")
-    for name in ("language_gradient.yaml", "sentiment_gradient.yaml"):
+    # the triples come from the base recipe's SFT rows (language_gradient trains on other rows)
+    for name, base in (("language_gradient.yaml", "language.yaml"), ("sentiment_gradient.yaml", "sentiment.yaml")):
         recipe = load_recipe(RECIPES / name)
         pairs = ContrastivePairs.load(recipe.pairs, **{f"{k}_key": v for k, v in recipe.pair_keys.items()})
-        rows = recipe.sft if name == "sentiment_gradient.yaml" else recipe.sft.with_name("sft_train.jsonl")
+        rows = load_recipe(RECIPES / base).sft
         sft = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines() if line]
         assert pairs.prompts == [row["prompt"][0]["content"] for row in sft]  # one triple per training row
         assert pairs.positive == [row["completion"][0]["content"] for row in sft]
